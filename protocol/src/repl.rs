@@ -1,0 +1,1 @@
+//! Replication frames (placeholder: being written).

@@ -1,0 +1,2 @@
+//! rdbd: the rdb daemon (placeholder: being written).
+fn main() {}

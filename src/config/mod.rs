@@ -1,0 +1,1 @@
+//! Configuration in DRBD syntax (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Control protocol (placeholder: being written).

@@ -1,0 +1,1 @@
+//! The rdbd daemon (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Replicated volume engine (placeholder: being written).

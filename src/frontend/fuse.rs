@@ -1,0 +1,1 @@
+//! FUSE + loop frontend (placeholder: being written).

@@ -1,0 +1,1 @@
+//! On-disk meta-data (placeholder: being written).

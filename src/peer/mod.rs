@@ -1,0 +1,1 @@
+//! Replication transport (placeholder: being written).

@@ -1,0 +1,2 @@
+//! rdbadm: the drbdadm-like CLI (placeholder: being written).
+fn main() {}
