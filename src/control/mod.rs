@@ -1,1 +1,248 @@
-//! Control protocol (placeholder: being written).
+//! The control protocol between `rdbadm` and `rdbd`.
+//!
+//! JSON lines over the unix socket `<run-dir>/rdbd.sock` (mode 0600): the client
+//! writes one [`Request`] line, the daemon answers one [`Response`] line, and either
+//! side may close. The protocol is versioned (`v`); the daemon refuses a version it
+//! does not speak. [`ResourceStatus`] is the structure `status --json` prints, the
+//! same one the daemon keeps.
+
+use std::io::{BufRead, BufReader, Read as _, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Counters;
+
+/// Version of the control protocol.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// File name of the control socket inside the run dir.
+pub const SOCKET_NAME: &str = "rdbd.sock";
+/// Longest request or response line accepted, in bytes.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Path of the control socket for a run dir.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(SOCKET_NAME)
+}
+
+/// A command for the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Liveness check.
+    Ping,
+    /// Attach the disk, start the frontends and (later) connect.
+    Up {
+        /// Resource name.
+        resource: String,
+    },
+    /// Demote if needed, stop everything of the resource.
+    Down {
+        /// Resource name.
+        resource: String,
+    },
+    /// Promote.
+    Primary {
+        /// Resource name.
+        resource: String,
+        /// Make this node's data authoritative.
+        force: bool,
+    },
+    /// Demote.
+    Secondary {
+        /// Resource name.
+        resource: String,
+    },
+    /// Status of one resource, or all when `None`.
+    Status {
+        /// Resource name.
+        resource: Option<String>,
+    },
+    /// Stop the daemon (after `down` of every resource).
+    Shutdown,
+}
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version.
+    pub v: u32,
+    /// The command.
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// A message for the user (an error when `ok` is false).
+    #[serde(default)]
+    pub message: String,
+    /// Warnings to print on stderr.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Resource status (for `status`, and after state changes).
+    #[serde(default)]
+    pub resources: Vec<ResourceStatus>,
+}
+
+impl Response {
+    /// A success with a message.
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response {
+            ok: true,
+            message: message.into(),
+            warnings: Vec::new(),
+            resources: Vec::new(),
+        }
+    }
+
+    /// A failure with a message.
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            message: message.into(),
+            warnings: Vec::new(),
+            resources: Vec::new(),
+        }
+    }
+}
+
+/// Status of one resource on one node, as `status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    /// Resource name.
+    pub name: String,
+    /// This node's name.
+    pub node: String,
+    /// Role: Primary, Secondary, or Unconfigured when the resource is down.
+    pub role: String,
+    /// Local disk state (UpToDate, Inconsistent, ..., Diskless).
+    pub disk: String,
+    /// Connection state (StandAlone, Connecting, Connected, SyncSource, ...).
+    pub connection: String,
+    /// The peer's name, if one is configured.
+    pub peer: Option<String>,
+    /// The peer's role (Unknown when not connected).
+    pub peer_role: String,
+    /// The peer's disk (DUnknown when not connected).
+    pub peer_disk: String,
+    /// Replication protocol (A, B or C).
+    pub protocol: String,
+    /// Size of the device in bytes.
+    pub size_bytes: u64,
+    /// The configured device path.
+    pub device: String,
+    /// The device minor, if known.
+    pub minor: Option<u32>,
+    /// The NBD unix socket.
+    pub nbd_socket: String,
+    /// The TCP NBD listener, if configured.
+    pub nbd_tcp: Option<String>,
+    /// The block-device frontend in use (`fuse+loop`, `none`, ...).
+    pub frontend: String,
+    /// Why this frontend was chosen (or why the device is missing).
+    pub frontend_reason: String,
+    /// The kernel device behind the device path (e.g. /dev/loop3), when present.
+    pub backing_device: Option<String>,
+    /// The backing disk.
+    pub disk_path: String,
+    /// The storage engine in use (sync, uring).
+    pub io_engine: String,
+    /// Bytes that may differ from the peer.
+    pub out_of_sync_bytes: u64,
+    /// Bytes sent or received by resync since `up`.
+    pub resync_bytes_total: u64,
+    /// Generation UUIDs as hex strings.
+    pub uuids: Uuids,
+    /// DRBD counters.
+    pub counters: Counters,
+    /// Number of NBD clients connected.
+    pub nbd_clients: usize,
+}
+
+/// Generation UUIDs for display.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Uuids {
+    /// Current UUID.
+    pub current: String,
+    /// Bitmap UUID.
+    pub bitmap: String,
+    /// History UUIDs.
+    pub history: Vec<String>,
+}
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon listens on the run dir's socket.
+    #[error("rdbd is not running for run dir {0} (no control socket answers)")]
+    NotRunning(PathBuf),
+    /// Socket I/O failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The daemon's answer was not valid.
+    #[error("invalid answer from rdbd: {0}")]
+    BadAnswer(String),
+}
+
+/// Sends one command and waits for its answer (blocking; for `rdbadm`).
+pub fn call(run_dir: &Path, command: Command, timeout: Duration) -> Result<Response, ControlError> {
+    let path = socket_path(run_dir);
+    let io_err = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
+    let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ControlError::NotRunning(run_dir.to_path_buf())
+        }
+        _ => io_err(e),
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let request = Request {
+        v: PROTOCOL_VERSION,
+        command,
+    };
+    let mut line = serde_json::to_vec(&request).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io_err)?;
+    let mut reader = BufReader::new(&stream).take(MAX_LINE_BYTES as u64);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(io_err)?;
+    if answer.is_empty() {
+        return Err(ControlError::BadAnswer("connection closed without an answer".into()));
+    }
+    serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer(e.to_string()))
+}
+
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_as_one_json_line() {
+        let r = Request {
+            v: PROTOCOL_VERSION,
+            command: Command::Primary {
+                resource: "r0".into(),
+                force: true,
+            },
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"v":1,"cmd":"primary","resource":"r0","force":true}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+    }
+}

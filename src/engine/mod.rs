@@ -1,1 +1,15 @@
-//! Replicated volume engine (placeholder: being written).
+//! The replication engine.
+//!
+//! - [`state`]: roles, disk and connection states in DRBD's vocabulary;
+//! - [`core`]: the sans-IO state machine of one volume (events in, actions out,
+//!   time passed in, no I/O), testable by deterministic simulation;
+//! - [`volume`]: the driver that feeds the engine and carries out its actions, and
+//!   implements [`crate::storage::BlockIo`] for the frontends.
+
+pub mod core;
+pub mod state;
+pub mod volume;
+
+pub use self::core::{Counters, StateChangeError};
+pub use self::state::{ConnState, DiskState, Role};
+pub use self::volume::{Volume, VolumeSnapshot};

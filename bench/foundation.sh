@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Foundation benchmark: rdb's NBD server (one node, Primary) vs nbdkit's file plugin
+# on the same kind of 1 GiB backing file, same fio jobs, interleaved rounds; prints
+# the median ratio per job and writes results/foundation.json (+ .md table, .png).
+. "$(dirname "$0")/lib.sh"
+[ "$(id -u)" = 0 ] || { echo "needs root"; exit 1; }
+"$ROOT/scripts/deps.sh"
+bench_build
+T=$(mktemp -d /tmp/rdb-bench.XXXXXX)
+ADM() { "$BIN/rdbadm" -c "$T/rdb.conf" --node alpha --run-dir "$T/run" "$@"; }
+cleanup() { ADM down all >/dev/null 2>&1 || true; [ -f "$T/kit.pid" ] && kill "$(cat "$T/kit.pid")" 2>/dev/null; rm -rf "$T"; }
+trap cleanup EXIT
+truncate -s 1G "$T/alpha.img" "$T/beta.img" "$T/kit.img"
+ENGINE=${ENGINE:-uring}
+cat > "$T/rdb.conf" <<CONF
+resource r0 {
+    device /dev/rdb-bench-$$;
+    meta-disk internal;
+    frontend none;
+    disk { io-engine $ENGINE; }
+    on alpha { disk $T/alpha.img; address 127.0.0.1:17788; }
+    on beta { disk $T/beta.img; address 127.0.0.1:17789; }
+}
+CONF
+ADM create-md r0 >/dev/null && ADM up r0 >/dev/null && ADM primary --force r0 2>/dev/null
+nbdkit -U "$T/kit.sock" -P "$T/kit.pid" file file="$T/kit.img"
+for i in $(seq 50); do [ -S "$T/kit.sock" ] && break; sleep 0.1; done
+R="nbd+unix:///r0?socket=$T/run/r0.nbd"; K="nbd+unix:///?socket=$T/kit.sock"
+echo "rdb vs nbdkit file plugin, ${RUNTIME_S}s per run, $ROUNDS interleaved rounds, io-engine $ENGINE"
+json="["
+for job in "${JOBS[@]}"; do
+  set -- $job
+  rows=""
+  for round in $(seq "$ROUNDS"); do
+    k=$(fio_job "$K" "$1" "$2" "$3"); r=$(fio_job "$R" "$1" "$2" "$3")
+    rows="$rows$k $r;"
+  done
+  line=$(python3 - "$1" "$2" "$3" "$rows" <<'PY'
+import sys, statistics, json
+rw, bs, qd, rows = sys.argv[1:5]
+runs = [list(map(float, r.split())) for r in rows.strip(";").split(";")]
+ratio = statistics.median(r[3] / max(r[0], 1) for r in runs)
+kit = statistics.median(r[0] for r in runs); rdb = statistics.median(r[3] for r in runs)
+kp50 = statistics.median(r[2] for r in runs); rp50 = statistics.median(r[5] for r in runs)
+print(json.dumps({"job": f"{rw} {bs} QD{qd}", "nbdkit_iops": kit, "rdb_iops": rdb, "ratio": round(ratio, 2), "nbdkit_p50_us": kp50, "rdb_p50_us": rp50}))
+PY
+)
+  echo "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"job\"]:<18} nbdkit {d[\"nbdkit_iops\"]:>9.0f} IOPS  rdb {d[\"rdb_iops\"]:>9.0f} IOPS  ratio {d[\"ratio\"]:.2f}x  p50 {d[\"nbdkit_p50_us\"]:.0f}/{d[\"rdb_p50_us\"]:.0f} us")'
+  json="$json$line,"
+done
+echo "${json%,}]" > "$RESULTS/foundation.json"
+python3 "$BENCH_DIR/report.py" "$RESULTS/foundation.json" "rdb vs nbdkit (one node)" || true

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need, builds the
+# workspace in release mode and runs every test (unit, integration with real
+# binaries and real clients). Needs root (FUSE, loop devices, mount, netns).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+[ "$(id -u)" = 0 ] || { echo "the tests need root (FUSE, loop devices, mount): run with sudo"; exit 1; }
+scripts/deps.sh
+cargo build --release --workspace --quiet
+cargo test --release --workspace -- --test-threads=2

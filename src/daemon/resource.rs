@@ -1,0 +1,442 @@
+//! One resource on this node: its disk, meta-data, volume and frontends.
+//!
+//! `up` reads the configuration and the meta-data, opens the data area, builds the
+//! [`Volume`] and starts the NBD listeners (they refuse clients until this node is
+//! Primary). `primary` promotes and creates the block device (FUSE + loop on kernels
+//! without nbd/ublk); `secondary` removes it and demotes; `down` stops everything.
+//! Every role change is persisted in the meta-data superblock before it is reported.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{self, FrontendKind, MetaDisk, ResourceConfig};
+use crate::control::{ResourceStatus, Uuids};
+use crate::daemon::{nbd_socket_path, DaemonOptions};
+use crate::engine::{DiskState, Role, Volume};
+use crate::frontend::fuse::{FuseLoopDevice, FuseLoopOptions};
+use crate::frontend::nbd::{ExportInfo, ExportLookup, ExportResolver, NbdLimits, NbdServer};
+use crate::meta::{self, MetaData, MetaLocation};
+use crate::storage::{self, BlockIo, EngineKind};
+
+/// Errors of resource operations, worded for the administrator.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// Configuration problem.
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    /// Meta-data problem.
+    #[error("{0}")]
+    Meta(#[from] meta::MetaError),
+    /// Backing disk problem.
+    #[error("backing disk: {0}")]
+    Storage(#[from] storage::IoError),
+    /// A refused state change.
+    #[error("{0}")]
+    State(#[from] crate::engine::StateChangeError),
+    /// The block device could not be created or removed.
+    #[error("device {path}: {message}")]
+    Device {
+        /// The device path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Something this version does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Socket set-up.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Resolves NBD export names to this resource's volume while it is Primary.
+struct Exports {
+    name: String,
+    node: String,
+    volume: Arc<Volume>,
+}
+
+impl ExportResolver for Exports {
+    fn list(&self) -> Vec<String> {
+        vec![self.name.clone()]
+    }
+
+    fn lookup(&self, name: &str) -> ExportLookup {
+        if !name.is_empty() && name != self.name {
+            return ExportLookup::Unknown;
+        }
+        let snap = self.volume.snapshot();
+        if snap.role != Role::Primary {
+            return ExportLookup::Refused {
+                message: format!(
+                    "resource {} is {} on node {}: only the Primary serves I/O (rdbadm primary {})",
+                    self.name, snap.role, self.node, self.name
+                ),
+            };
+        }
+        ExportLookup::Found(ExportInfo {
+            name: self.name.clone(),
+            description: format!("rdb resource {} on {}", self.name, self.node),
+            device: self.volume.clone() as Arc<dyn BlockIo>,
+            read_only: false,
+        })
+    }
+}
+
+/// A resource that is up on this node.
+pub struct Resource {
+    cfg: ResourceConfig,
+    run_dir: PathBuf,
+    md: MetaData,
+    volume: Arc<Volume>,
+    io_engine: EngineKind,
+    nbd: Arc<NbdServer>,
+    nbd_stop: watch::Sender<bool>,
+    nbd_tasks: Vec<JoinHandle<()>>,
+    device: Option<FuseLoopDevice>,
+    frontend: &'static str,
+    frontend_reason: String,
+}
+
+/// Picks the block-device frontend for this kernel.
+fn choose_frontend(kind: FrontendKind) -> Result<(&'static str, String), String> {
+    match kind {
+        FrontendKind::None => Ok(("none", "frontend none: NBD socket only".into())),
+        FrontendKind::Fuse => Ok(("fuse+loop", "frontend fuse configured".into())),
+        FrontendKind::Nbd => Err(
+            "frontend nbd (kernel /dev/nbdX) is not implemented in this version: use `frontend fuse;` or `frontend auto;`"
+                .into(),
+        ),
+        FrontendKind::Ublk => Err(
+            "frontend ublk is not implemented in this version: use `frontend fuse;` or `frontend auto;`"
+                .into(),
+        ),
+        FrontendKind::Auto => {
+            let ublk = std::path::Path::new("/dev/ublk-control").exists();
+            let nbd = std::path::Path::new("/sys/module/nbd").exists();
+            Ok((
+                "fuse+loop",
+                format!(
+                    "auto: ublk {}, kernel nbd {}; using FUSE + loop",
+                    if ublk { "present but not yet supported by rdb" } else { "module not loaded (no /dev/ublk-control)" },
+                    if nbd { "present but not yet supported by rdb" } else { "module not loaded (no /sys/module/nbd)" },
+                ),
+            ))
+        }
+    }
+}
+
+fn meta_location(m: &MetaDisk) -> MetaLocation {
+    match m {
+        MetaDisk::Internal => MetaLocation::Internal,
+        MetaDisk::External { path, index } => MetaLocation::External {
+            path: path.clone(),
+            index: *index,
+        },
+    }
+}
+
+/// The disk state recorded in meta-data flags.
+fn disk_state_from_flags(flags: u32) -> DiskState {
+    if flags & meta::flags::CONSISTENT == 0 {
+        DiskState::Inconsistent
+    } else if flags & meta::flags::OUTDATED != 0 {
+        DiskState::Outdated
+    } else if flags & meta::flags::WAS_UP_TO_DATE != 0 {
+        DiskState::UpToDate
+    } else {
+        DiskState::Consistent
+    }
+}
+
+fn hex_uuid(u: u64) -> String {
+    format!("{u:016X}")
+}
+
+impl Resource {
+    /// Brings resource `name` up on this node.
+    pub async fn up(opts: &DaemonOptions, name: &str) -> Result<(Resource, Vec<String>), ResourceError> {
+        let config = config::load(&opts.config_path)?;
+        let warnings: Vec<String> = config.warnings().iter().map(|w| w.to_string()).collect();
+        let cfg = config.resolve(name, &opts.node)?;
+        if cfg.volumes.len() != 1 {
+            return Err(ResourceError::Unsupported(format!(
+                "resource {name} has {} volumes; this version of rdb runs exactly one volume per resource",
+                cfg.volumes.len()
+            )));
+        }
+        let vol = &cfg.volumes[0];
+        let md = meta::read_md(&vol.disk, &meta_location(&vol.meta_disk))?;
+        let (storage, io_engine) = storage::open_with_info(
+            &vol.disk,
+            &storage::OpenOptions {
+                engine: match cfg.disk.io_engine {
+                    config::IoEngineKind::Sync => EngineKind::Sync,
+                    config::IoEngineKind::Uring => EngineKind::Uring,
+                },
+                direct_io: cfg.disk.direct_io,
+                read_only: false,
+                offset_bytes: 0,
+                size_bytes: Some(md.layout.data_size_bytes),
+            },
+        )?;
+        let disk = disk_state_from_flags(md.superblock.flags);
+        let volume = Arc::new(Volume::new(name, storage, disk));
+        tracing::info!(resource = name, "disk( Diskless -> {disk} ), size {} bytes", md.layout.data_size_bytes);
+
+        let run_dir = opts.run_dir.clone();
+        let nbd = Arc::new(NbdServer::new(
+            Arc::new(Exports {
+                name: name.to_string(),
+                node: opts.node.clone(),
+                volume: volume.clone(),
+            }),
+            NbdLimits::default(),
+        ));
+        let (nbd_stop, stop_rx) = watch::channel(false);
+        let mut nbd_tasks = Vec::new();
+        let sock = nbd_socket_path(&run_dir, name);
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).map_err(|source| ResourceError::Io {
+            what: "cannot listen on NBD socket",
+            path: sock.clone(),
+            source,
+        })?;
+        {
+            let nbd = nbd.clone();
+            let stop = stop_rx.clone();
+            nbd_tasks.push(tokio::spawn(async move {
+                if let Err(e) = nbd.serve_unix(listener, stop).await {
+                    tracing::error!("NBD unix listener stopped: {e}");
+                }
+            }));
+        }
+        if let Some(addr) = cfg.nbd_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ResourceError::Io {
+                what: "cannot listen on NBD TCP address",
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+            let nbd = nbd.clone();
+            let stop = stop_rx.clone();
+            nbd_tasks.push(tokio::spawn(async move {
+                if let Err(e) = nbd.serve_tcp(listener, stop).await {
+                    tracing::error!("NBD TCP listener stopped: {e}");
+                }
+            }));
+        }
+        let (frontend, frontend_reason) = match choose_frontend(cfg.frontend) {
+            Ok(f) => f,
+            Err(reason) => ("none", reason),
+        };
+        Ok((
+            Resource {
+                cfg,
+                run_dir,
+                md,
+                volume,
+                io_engine,
+                nbd,
+                nbd_stop,
+                nbd_tasks,
+                device: None,
+                frontend,
+                frontend_reason,
+            },
+            warnings,
+        ))
+    }
+
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn persist(&mut self) -> Result<(), ResourceError> {
+        meta::write_superblock(&self.md)?;
+        Ok(())
+    }
+
+    /// Promotes; creates the block device. Returns warnings for the user.
+    pub async fn primary(&mut self, force: bool) -> Result<Vec<String>, ResourceError> {
+        let mut warnings = Vec::new();
+        let was = self.volume.snapshot();
+        let forced = self.volume.promote(force)?;
+        if was.role != Role::Primary {
+            tracing::info!(resource = self.name(), "role( {} -> Primary )", was.role);
+        }
+        let sb = &mut self.md.superblock;
+        if forced {
+            // New data generation: this node's data is now authoritative.
+            sb.uuids.history[1] = sb.uuids.history[0];
+            sb.uuids.history[0] = sb.uuids.bitmap;
+            sb.uuids.bitmap = 0;
+            sb.uuids.current = meta::new_uuid();
+        }
+        sb.flags |= meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;
+        sb.flags &= !meta::flags::OUTDATED;
+        self.persist()?;
+        if self.device.is_none() && self.frontend == "fuse+loop" {
+            match self.attach_device() {
+                Ok(dev) => self.device = Some(dev),
+                Err(e) => {
+                    // Roll back: a Primary without its device would surprise everyone.
+                    let _ = self.volume.demote();
+                    self.md.superblock.flags &= !meta::flags::PRIMARY_IND;
+                    let _ = self.persist();
+                    return Err(e);
+                }
+            }
+        } else if self.frontend == "none" {
+            warnings.push(format!(
+                "{}: no block device ({}); the NBD socket {} serves the data",
+                self.name(),
+                self.frontend_reason,
+                nbd_socket_path(&self.run_dir, self.name()).display()
+            ));
+        }
+        Ok(warnings)
+    }
+
+    fn attach_device(&self) -> Result<FuseLoopDevice, ResourceError> {
+        let vol = &self.cfg.volumes[0];
+        FuseLoopDevice::attach(
+            self.volume.clone() as Arc<dyn BlockIo>,
+            FuseLoopOptions {
+                mount_dir: self.run_dir.join("fuse").join(self.name()),
+                file_name: "data".to_string(),
+                link_path: vol.device.clone(),
+                block_size_bytes: 512,
+            },
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(|e| ResourceError::Device {
+            path: vol.device.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Demotes: removes the block device (refused while it is open) and waits for
+    /// NBD clients to leave (refused if they do not within a second).
+    pub async fn secondary(&mut self) -> Result<(), ResourceError> {
+        if self.volume.snapshot().role != Role::Primary {
+            return Ok(());
+        }
+        if let Some(dev) = &self.device {
+            if dev.is_in_use() {
+                return Err(crate::engine::StateChangeError::HeldOpen(format!(
+                    "{} is open or mounted",
+                    dev.link_path().display()
+                ))
+                .into());
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.nbd.connection_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let clients = self.nbd.connection_count();
+        if clients > 0 {
+            return Err(crate::engine::StateChangeError::HeldOpen(format!(
+                "{clients} NBD client(s) connected"
+            ))
+            .into());
+        }
+        if let Some(dev) = self.device.take() {
+            let path = dev.link_path().to_path_buf();
+            if let Err(e) = dev.detach() {
+                return Err(ResourceError::Device {
+                    path,
+                    message: e.to_string(),
+                });
+            }
+        }
+        self.volume.demote()?;
+        tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
+        self.md.superblock.flags &= !meta::flags::PRIMARY_IND;
+        self.persist()?;
+        Ok(())
+    }
+
+    /// Takes the resource down: demote (refused if open), stop the listeners,
+    /// flush the disk, persist meta-data.
+    pub async fn down(&mut self) -> Result<(), ResourceError> {
+        self.secondary().await?;
+        self.stop_everything().await
+    }
+
+    /// `down` at daemon exit: the device is removed even if that fails half-way.
+    pub async fn down_forced(&mut self) -> Result<(), ResourceError> {
+        if let Err(e) = self.secondary().await {
+            tracing::warn!(resource = self.name(), "demote at exit failed: {e}");
+        }
+        self.stop_everything().await
+    }
+
+    async fn stop_everything(&mut self) -> Result<(), ResourceError> {
+        let _ = self.nbd_stop.send(true);
+        for task in self.nbd_tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        let _ = std::fs::remove_file(nbd_socket_path(&self.run_dir, self.name()));
+        if let Err(e) = self.volume_storage_flush().await {
+            tracing::error!(resource = self.name(), "flush at down failed: {e}");
+        }
+        self.persist()?;
+        tracing::info!(resource = self.name(), "disk( {} -> Diskless )", self.volume.snapshot().disk);
+        Ok(())
+    }
+
+    async fn volume_storage_flush(&self) -> Result<(), storage::IoError> {
+        // The volume refuses I/O when Secondary; the data area is flushed through a
+        // fresh handle-independent fdatasync of the storage layer.
+        self.volume.flush_storage().await
+    }
+
+    /// The status of this resource.
+    pub fn status(&self) -> ResourceStatus {
+        let snap = self.volume.snapshot();
+        let vol = &self.cfg.volumes[0];
+        let sb = &self.md.superblock;
+        ResourceStatus {
+            name: self.cfg.name.clone(),
+            node: self.cfg.node.clone(),
+            role: snap.role.to_string(),
+            disk: snap.disk.to_string(),
+            connection: snap.conn.to_string(),
+            peer: self.cfg.peers.first().map(|p| p.name.clone()),
+            peer_role: Role::Unknown.to_string(),
+            peer_disk: DiskState::DUnknown.to_string(),
+            protocol: self.cfg.net.protocol.to_string(),
+            size_bytes: snap.size_bytes,
+            device: vol.device.display().to_string(),
+            minor: vol.minor,
+            nbd_socket: nbd_socket_path(&self.run_dir, self.name()).display().to_string(),
+            nbd_tcp: self.cfg.nbd_listen.map(|a| a.to_string()),
+            frontend: self.frontend.to_string(),
+            frontend_reason: self.frontend_reason.clone(),
+            backing_device: self.device.as_ref().map(|d| d.loop_path().display().to_string()),
+            disk_path: vol.disk.display().to_string(),
+            io_engine: self.io_engine.to_string(),
+            out_of_sync_bytes: 0,
+            resync_bytes_total: 0,
+            uuids: Uuids {
+                current: hex_uuid(sb.uuids.current),
+                bitmap: hex_uuid(sb.uuids.bitmap),
+                history: sb.uuids.history.iter().map(|u| hex_uuid(*u)).collect(),
+            },
+            counters: snap.counters,
+            nbd_clients: self.nbd.connection_count(),
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Shared harness of the integration tests: a throw-away directory with backing
+//! files, a DRBD-syntax config for two nodes on loopback, and helpers that run the
+//! real `rdbadm` (which starts the real `rdbd`) and real clients.
+//!
+//! Everything is bounded: every command runs under `timeout`, every wait polls with a
+//! deadline, and the `Drop` of [`Cluster`] takes resources down, unmounts, kills
+//! leftover daemons and removes the directory even when a test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Path of a binary built by this workspace (`rdbd`, `rdbadm`, ...).
+pub fn bin(name: &str) -> PathBuf {
+    let rdbd = PathBuf::from(env!("CARGO_BIN_EXE_rdbd"));
+    let p = rdbd.with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (same profile) before the tests",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test with an install hint when a tool is missing.
+pub fn need(cmd: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{cmd}` is required by this test: apt-get install {package}"
+    );
+}
+
+/// Fails the test unless running as root.
+pub fn need_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "this test needs root (FUSE, loop devices, mount)");
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command under `timeout SECS`, returning its output.
+pub fn run(timeout_s: u64, prog: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(timeout_s.to_string())
+        .arg(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+/// Runs a command and asserts it succeeded; returns stdout.
+pub fn run_ok(timeout_s: u64, prog: &str, args: &[&str]) -> String {
+    let out = run(timeout_s, prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 of a file's first `len` bytes (whole file when None).
+pub fn sha256_of(path: &Path, len: Option<u64>) -> String {
+    let script = match len {
+        Some(n) => format!("head -c {n} '{}' | sha256sum", path.display()),
+        None => format!("sha256sum < '{}'", path.display()),
+    };
+    let out = run_ok(120, "sh", &["-c", &script]);
+    out.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// A test directory with two nodes' backing files and a config.
+pub struct Cluster {
+    /// The directory holding everything.
+    pub dir: PathBuf,
+    /// The config file.
+    pub conf: PathBuf,
+    /// The device path configured for the resource.
+    pub device: PathBuf,
+    /// Resource name.
+    pub res: String,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl Cluster {
+    /// A cluster of `alpha` and `beta` with `size` backing files (e.g. "256M"),
+    /// the given protocol and extra `net { }` lines.
+    pub fn new(tag: &str, protocol: &str, size: &str, extra_net: &str) -> Cluster {
+        let dir = PathBuf::from(format!(
+            "/tmp/rdb-test-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        for n in ["alpha", "beta"] {
+            run_ok(10, "truncate", &["-s", size, &dir.join(format!("{n}.img")).display().to_string()]);
+        }
+        let device = PathBuf::from(format!("/dev/rdb-test-{tag}-{}", std::process::id()));
+        let (pa, pb) = (free_port(), free_port());
+        let conf = dir.join("rdb.conf");
+        let text = format!(
+            "resource r0 {{\n    device {dev};\n    flexible-meta-disk internal;\n    net {{\n        protocol {protocol};\n        {extra_net}\n    }}\n    on alpha {{\n        disk {d}/alpha.img;\n        address 127.0.0.1:{pa};\n    }}\n    on beta {{\n        disk {d}/beta.img;\n        address 127.0.0.1:{pb};\n    }}\n}}\n",
+            dev = device.display(),
+            d = dir.display(),
+        );
+        std::fs::write(&conf, text).expect("write config");
+        Cluster {
+            dir,
+            conf,
+            device,
+            res: "r0".into(),
+        }
+    }
+
+    /// The run dir of a node.
+    pub fn run_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("run-{node}"))
+    }
+
+    /// The backing file of a node.
+    pub fn img(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.img"))
+    }
+
+    /// Runs `rdbadm` for a node.
+    pub fn adm(&self, node: &str, args: &[&str]) -> Output {
+        let run_dir = self.run_dir(node);
+        std::fs::create_dir_all(&run_dir).expect("create run dir");
+        let mut full: Vec<String> = vec![
+            "-c".into(),
+            self.conf.display().to_string(),
+            "--node".into(),
+            node.into(),
+            "--run-dir".into(),
+            run_dir.display().to_string(),
+        ];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
+        run(120, &bin("rdbadm").display().to_string(), &refs)
+    }
+
+    /// Runs `rdbadm` and asserts success; returns stdout.
+    pub fn adm_ok(&self, node: &str, args: &[&str]) -> String {
+        let out = self.adm(node, args);
+        assert!(
+            out.status.success(),
+            "rdbadm {args:?} on {node} failed:\nstdout: {}\nstderr: {}\nrdbd log tail:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(node)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The last lines of a node's rdbd log.
+    pub fn log_tail(&self, node: &str) -> String {
+        let log = std::fs::read_to_string(self.run_dir(node).join("rdbd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// `status --json` of r0 on a node.
+    pub fn status(&self, node: &str) -> serde_json::Value {
+        let out = self.adm_ok(node, &["status", "r0", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
+        v["resources"][0].clone()
+    }
+
+    /// NBD URI of a node's export.
+    pub fn nbd_uri(&self, node: &str) -> String {
+        format!(
+            "nbd+unix:///r0?socket={}/r0.nbd",
+            self.run_dir(node).display()
+        )
+    }
+
+    fn cleanup(&self) {
+        for n in ["alpha", "beta"] {
+            if self.run_dir(n).exists() {
+                let _ = self.adm(n, &["down", "all"]);
+            }
+        }
+        // Unmount anything left under the directory (deepest first).
+        if let Ok(out) = Command::new("findmnt").args(["-rn", "-o", "TARGET"]).output() {
+            let mut mounts: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|m| m.starts_with(&self.dir.display().to_string()))
+                .map(|s| s.to_string())
+                .collect();
+            mounts.sort();
+            for m in mounts.iter().rev() {
+                let _ = Command::new("umount").args(["-l", m]).output();
+            }
+        }
+        // Kill daemons whose run dir is ours.
+        if let Ok(out) = Command::new("pgrep").args(["-x", "rdbd"]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&self.dir.display().to_string()) {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            }
+        }
+        // Loop devices whose backing file lives under our directory.
+        if let Ok(out) = Command::new("losetup").args(["-nO", "NAME,BACK-FILE"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(dev), Some(back)) = (it.next(), it.next()) {
+                    if back.starts_with(&self.dir.display().to_string()) {
+                        let _ = Command::new("losetup").args(["-d", dev]).output();
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.device);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t % 1_000_000
+}
