@@ -10,7 +10,11 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "rdbd", version, about = "rdb daemon: runs the rdb resources of one node")]
+#[command(
+    name = "rdbd",
+    version,
+    about = "rdb daemon: runs the rdb resources of one node"
+)]
 struct Args {
     /// Configuration file (DRBD syntax).
     #[arg(short = 'c', long = "config", env = "RDB_CONFIG", default_value = rdb::config::DEFAULT_CONFIG_PATH)]

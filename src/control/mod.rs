@@ -214,19 +214,20 @@ pub fn call(run_dir: &Path, command: Command, timeout: Duration) -> Result<Respo
         v: PROTOCOL_VERSION,
         command,
     };
-    let mut line = serde_json::to_vec(&request).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+    let mut line =
+        serde_json::to_vec(&request).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io_err)?;
     let mut reader = BufReader::new(&stream).take(MAX_LINE_BYTES as u64);
     let mut answer = String::new();
     reader.read_line(&mut answer).map_err(io_err)?;
     if answer.is_empty() {
-        return Err(ControlError::BadAnswer("connection closed without an answer".into()));
+        return Err(ControlError::BadAnswer(
+            "connection closed without an answer".into(),
+        ));
     }
     serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer(e.to_string()))
 }
-
-
 
 #[cfg(test)]
 mod tests {

@@ -166,7 +166,10 @@ fn hex_uuid(u: u64) -> String {
 
 impl Resource {
     /// Brings resource `name` up on this node.
-    pub async fn up(opts: &DaemonOptions, name: &str) -> Result<(Resource, Vec<String>), ResourceError> {
+    pub async fn up(
+        opts: &DaemonOptions,
+        name: &str,
+    ) -> Result<(Resource, Vec<String>), ResourceError> {
         let config = config::load(&opts.config_path)?;
         let warnings: Vec<String> = config.warnings().iter().map(|w| w.to_string()).collect();
         let cfg = config.resolve(name, &opts.node)?;
@@ -193,7 +196,11 @@ impl Resource {
         )?;
         let disk = disk_state_from_flags(md.superblock.flags);
         let volume = Arc::new(Volume::new(name, storage, disk));
-        tracing::info!(resource = name, "disk( Diskless -> {disk} ), size {} bytes", md.layout.data_size_bytes);
+        tracing::info!(
+            resource = name,
+            "disk( Diskless -> {disk} ), size {} bytes",
+            md.layout.data_size_bytes
+        );
 
         let run_dir = opts.run_dir.clone();
         let nbd = Arc::new(NbdServer::new(
@@ -208,11 +215,12 @@ impl Resource {
         let mut nbd_tasks = Vec::new();
         let sock = nbd_socket_path(&run_dir, name);
         let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock).map_err(|source| ResourceError::Io {
-            what: "cannot listen on NBD socket",
-            path: sock.clone(),
-            source,
-        })?;
+        let listener =
+            tokio::net::UnixListener::bind(&sock).map_err(|source| ResourceError::Io {
+                what: "cannot listen on NBD socket",
+                path: sock.clone(),
+                source,
+            })?;
         {
             let nbd = nbd.clone();
             let stop = stop_rx.clone();
@@ -223,11 +231,13 @@ impl Resource {
             }));
         }
         if let Some(addr) = cfg.nbd_listen {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ResourceError::Io {
-                what: "cannot listen on NBD TCP address",
-                path: PathBuf::from(addr.to_string()),
-                source,
-            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ResourceError::Io {
+                    what: "cannot listen on NBD TCP address",
+                    path: PathBuf::from(addr.to_string()),
+                    source,
+                })?;
             let nbd = nbd.clone();
             let stop = stop_rx.clone();
             nbd_tasks.push(tokio::spawn(async move {
@@ -283,7 +293,8 @@ impl Resource {
             sb.uuids.bitmap = 0;
             sb.uuids.current = meta::new_uuid();
         }
-        sb.flags |= meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;
+        sb.flags |=
+            meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;
         sb.flags &= !meta::flags::OUTDATED;
         self.persist()?;
         if self.device.is_none() && self.frontend == "fuse+loop" {
@@ -393,7 +404,11 @@ impl Resource {
             tracing::error!(resource = self.name(), "flush at down failed: {e}");
         }
         self.persist()?;
-        tracing::info!(resource = self.name(), "disk( {} -> Diskless )", self.volume.snapshot().disk);
+        tracing::info!(
+            resource = self.name(),
+            "disk( {} -> Diskless )",
+            self.volume.snapshot().disk
+        );
         Ok(())
     }
 
@@ -421,11 +436,16 @@ impl Resource {
             size_bytes: snap.size_bytes,
             device: vol.device.display().to_string(),
             minor: vol.minor,
-            nbd_socket: nbd_socket_path(&self.run_dir, self.name()).display().to_string(),
+            nbd_socket: nbd_socket_path(&self.run_dir, self.name())
+                .display()
+                .to_string(),
             nbd_tcp: self.cfg.nbd_listen.map(|a| a.to_string()),
             frontend: self.frontend.to_string(),
             frontend_reason: self.frontend_reason.clone(),
-            backing_device: self.device.as_ref().map(|d| d.loop_path().display().to_string()),
+            backing_device: self
+                .device
+                .as_ref()
+                .map(|d| d.loop_path().display().to_string()),
             disk_path: vol.disk.display().to_string(),
             io_engine: self.io_engine.to_string(),
             out_of_sync_bytes: 0,

@@ -134,7 +134,9 @@ impl Daemon {
             };
             let mut out = match serde_json::to_vec(&response) {
                 Ok(v) => v,
-                Err(e) => format!("{{\"ok\":false,\"message\":\"encoding failed: {e}\"}}").into_bytes(),
+                Err(e) => {
+                    format!("{{\"ok\":false,\"message\":\"encoding failed: {e}\"}}").into_bytes()
+                }
             };
             out.push(b'\n');
             if write.write_all(&out).await.is_err() {

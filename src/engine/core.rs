@@ -441,7 +441,10 @@ impl Engine {
                 self.try_complete(id, out);
             }
             Event::PeerConnected { role, disk } => {
-                tracing::info!("conn( {} -> Connected ) peer role {role} disk {disk}", self.conn);
+                tracing::info!(
+                    "conn( {} -> Connected ) peer role {role} disk {disk}",
+                    self.conn
+                );
                 self.conn = ConnState::Connected;
                 self.peer_role = role;
                 self.peer_disk = disk;
@@ -494,7 +497,10 @@ impl Engine {
                     tracing::error!(peer_id, "completion of an unknown peer request");
                     return;
                 };
-                assert!(p.submitted, "peer request {peer_id} completed but never submitted");
+                assert!(
+                    p.submitted,
+                    "peer request {peer_id} completed but never submitted"
+                );
                 self.counters.local_pending -= 1;
                 self.counters.unacked -= 1;
                 let kind = match result {
@@ -710,7 +716,8 @@ impl Engine {
             ReqKind::Flush => p.kind.is_write() || p.kind == ReqKind::Flush,
             _ => {
                 p.kind == ReqKind::Flush
-                    || (p.kind.is_write() && overlap(p.offset_bytes, p.len_bytes, offset_bytes, len_bytes))
+                    || (p.kind.is_write()
+                        && overlap(p.offset_bytes, p.len_bytes, offset_bytes, len_bytes))
             }
         });
         let arrival = self.next_arrival;
@@ -753,8 +760,7 @@ impl Engine {
                 ReqKind::Flush => q.kind.is_write() || q.kind == ReqKind::Flush,
                 _ => {
                     q.kind == ReqKind::Flush
-                        || (q.kind.is_write()
-                            && overlap(q.offset_bytes, q.len_bytes, off, len))
+                        || (q.kind.is_write() && overlap(q.offset_bytes, q.len_bytes, off, len))
                 }
             });
             if blocked {
@@ -836,23 +842,43 @@ mod tests {
         out.retain(|a| !matches!(a, Action::MarkOutOfSync { .. }));
         assert_eq!(out, vec![Action::SubmitLocal(1), Action::SubmitLocal(4)]);
         out.clear();
-        e.handle(0, Event::LocalDone { id: 1, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         out.retain(|a| !matches!(a, Action::MarkOutOfSync { .. }));
         // 2 is released; 3 still overlaps 2.
         assert_eq!(
             out,
             vec![
-                Action::Complete { id: 1, result: Ok(()) },
+                Action::Complete {
+                    id: 1,
+                    result: Ok(())
+                },
                 Action::SubmitLocal(2)
             ]
         );
         out.clear();
-        e.handle(0, Event::LocalDone { id: 2, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 2,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         out.retain(|a| !matches!(a, Action::MarkOutOfSync { .. }));
         assert_eq!(
             out,
             vec![
-                Action::Complete { id: 2, result: Ok(()) },
+                Action::Complete {
+                    id: 2,
+                    result: Ok(())
+                },
                 Action::SubmitLocal(3)
             ]
         );
@@ -866,7 +892,14 @@ mod tests {
         let mut out = Vec::new();
         e.handle(0, req(7, ReqKind::Read, 0, 512), &mut out);
         out.clear();
-        e.handle(0, Event::LocalDone { id: 7, result: Err(5) }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 7,
+                result: Err(5),
+            },
+            &mut out,
+        );
         assert_eq!(
             out,
             vec![Action::Complete {
@@ -910,11 +943,33 @@ mod tests {
             e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
             assert_eq!(out, vec![Action::SubmitLocal(1), Action::SendPeer(1)]);
             out.clear();
-            e.handle(0, Event::LocalDone { id: 1, result: Ok(()) }, &mut out);
+            e.handle(
+                0,
+                Event::LocalDone {
+                    id: 1,
+                    result: Ok(()),
+                },
+                &mut out,
+            );
             assert!(out.is_empty(), "{protocol:?} completed before the peer");
-            for step in [PeerProgress::Sent, PeerProgress::Received, PeerProgress::Written] {
-                e.handle(0, Event::PeerProgressed { id: 1, progress: step }, &mut out);
-                assert_eq!(completes(&out, 1), step >= enough, "{protocol:?} at {step:?}");
+            for step in [
+                PeerProgress::Sent,
+                PeerProgress::Received,
+                PeerProgress::Written,
+            ] {
+                e.handle(
+                    0,
+                    Event::PeerProgressed {
+                        id: 1,
+                        progress: step,
+                    },
+                    &mut out,
+                );
+                assert_eq!(
+                    completes(&out, 1),
+                    step >= enough,
+                    "{protocol:?} at {step:?}"
+                );
                 if step >= enough {
                     break;
                 }
@@ -930,9 +985,23 @@ mod tests {
         let mut out = Vec::new();
         e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
         out.clear();
-        e.handle(0, Event::PeerProgressed { id: 1, progress: PeerProgress::Written }, &mut out);
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id: 1,
+                progress: PeerProgress::Written,
+            },
+            &mut out,
+        );
         assert!(out.is_empty());
-        e.handle(0, Event::LocalDone { id: 1, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         assert!(completes(&out, 1));
     }
 
@@ -942,21 +1011,48 @@ mod tests {
         let mut out = Vec::new();
         e.handle(0, req(1, ReqKind::Write, 8192, 4096), &mut out);
         e.handle(0, req(2, ReqKind::Write, 65536, 512), &mut out);
-        e.handle(0, Event::LocalDone { id: 1, result: Ok(()) }, &mut out);
-        e.handle(0, Event::PeerProgressed { id: 2, progress: PeerProgress::Written }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id: 2,
+                progress: PeerProgress::Written,
+            },
+            &mut out,
+        );
         out.clear();
         e.handle(0, Event::PeerLost, &mut out);
         // 1: marked then completed; 2: marked, completes when its local write is done.
         assert_eq!(
             out,
             vec![
-                Action::MarkOutOfSync { offset_bytes: 8192, len_bytes: 4096 },
-                Action::Complete { id: 1, result: Ok(()) },
+                Action::MarkOutOfSync {
+                    offset_bytes: 8192,
+                    len_bytes: 4096
+                },
+                Action::Complete {
+                    id: 1,
+                    result: Ok(())
+                },
             ]
         );
         assert_eq!(e.conn(), ConnState::Connecting);
         out.clear();
-        e.handle(0, Event::LocalDone { id: 2, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 2,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         assert!(completes(&out, 2));
         // Writes while disconnected are marked out of sync.
         out.clear();
@@ -965,7 +1061,10 @@ mod tests {
             out,
             vec![
                 Action::SubmitLocal(3),
-                Action::MarkOutOfSync { offset_bytes: 0, len_bytes: 4096 }
+                Action::MarkOutOfSync {
+                    offset_bytes: 0,
+                    len_bytes: 4096
+                }
             ]
         );
     }
@@ -975,10 +1074,23 @@ mod tests {
         let mut e = connected(Protocol::C);
         let mut out = Vec::new();
         e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
-        e.handle(0, Event::LocalDone { id: 1, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         out.clear();
         e.handle(0, Event::PeerFailed { id: 1 }, &mut out);
-        assert_eq!(out[0], Action::MarkOutOfSync { offset_bytes: 0, len_bytes: 4096 });
+        assert_eq!(
+            out[0],
+            Action::MarkOutOfSync {
+                offset_bytes: 0,
+                len_bytes: 4096
+            }
+        );
         assert!(completes(&out, 1));
     }
 
@@ -986,12 +1098,24 @@ mod tests {
     fn single_primary_refuses_promotion_while_peer_is_primary() {
         let mut e = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
         let mut out = Vec::new();
-        e.handle(0, Event::PeerConnected { role: Role::Primary, disk: DiskState::UpToDate }, &mut out);
+        e.handle(
+            0,
+            Event::PeerConnected {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            },
+            &mut out,
+        );
         assert_eq!(e.promote(false), Err(StateChangeError::PeerIsPrimary));
     }
 
     fn peer_req(pid: u64, kind: ReqKind, off: u64, len: u64) -> Event {
-        Event::PeerRequest { peer_id: pid, kind, offset_bytes: off, len_bytes: len }
+        Event::PeerRequest {
+            peer_id: pid,
+            kind,
+            offset_bytes: off,
+            len_bytes: len,
+        }
     }
 
     #[test]
@@ -1003,33 +1127,76 @@ mod tests {
         e.handle(0, peer_req(12, ReqKind::Write, 0, 512), &mut out);
         e.handle(0, peer_req(13, ReqKind::Flush, 0, 0), &mut out);
         e.handle(0, peer_req(14, ReqKind::Write, 65536, 4096), &mut out);
-        assert_eq!(out, vec![Action::SubmitPeerRequest(10), Action::SubmitPeerRequest(11)]);
+        assert_eq!(
+            out,
+            vec![Action::SubmitPeerRequest(10), Action::SubmitPeerRequest(11)]
+        );
         out.clear();
-        e.handle(0, Event::PeerRequestDone { peer_id: 10, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::PeerRequestDone {
+                peer_id: 10,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         assert_eq!(
             out,
             vec![
-                Action::AckPeer { peer_id: 10, kind: AckKind::Write },
+                Action::AckPeer {
+                    peer_id: 10,
+                    kind: AckKind::Write
+                },
                 Action::SubmitPeerRequest(12)
             ]
         );
         out.clear();
-        e.handle(0, Event::PeerRequestDone { peer_id: 11, result: Ok(()) }, &mut out);
-        e.handle(0, Event::PeerRequestDone { peer_id: 12, result: Err(5) }, &mut out);
+        e.handle(
+            0,
+            Event::PeerRequestDone {
+                peer_id: 11,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        e.handle(
+            0,
+            Event::PeerRequestDone {
+                peer_id: 12,
+                result: Err(5),
+            },
+            &mut out,
+        );
         assert_eq!(
             out,
             vec![
-                Action::AckPeer { peer_id: 11, kind: AckKind::Write },
-                Action::AckPeer { peer_id: 12, kind: AckKind::Neg(5) },
+                Action::AckPeer {
+                    peer_id: 11,
+                    kind: AckKind::Write
+                },
+                Action::AckPeer {
+                    peer_id: 12,
+                    kind: AckKind::Neg(5)
+                },
                 Action::SubmitPeerRequest(13)
             ]
         );
         out.clear();
-        e.handle(0, Event::PeerRequestDone { peer_id: 13, result: Ok(()) }, &mut out);
+        e.handle(
+            0,
+            Event::PeerRequestDone {
+                peer_id: 13,
+                result: Ok(()),
+            },
+            &mut out,
+        );
         assert_eq!(
             out,
             vec![
-                Action::AckPeer { peer_id: 13, kind: AckKind::Write },
+                Action::AckPeer {
+                    peer_id: 13,
+                    kind: AckKind::Write
+                },
                 Action::SubmitPeerRequest(14)
             ]
         );
@@ -1044,7 +1211,10 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Action::AckPeer { peer_id: 1, kind: AckKind::Recv },
+                Action::AckPeer {
+                    peer_id: 1,
+                    kind: AckKind::Recv
+                },
                 Action::SubmitPeerRequest(1)
             ]
         );
@@ -1056,6 +1226,12 @@ mod tests {
         e.promote(false).unwrap();
         let mut out = Vec::new();
         e.handle(0, peer_req(1, ReqKind::Write, 0, 4096), &mut out);
-        assert_eq!(out, vec![Action::AckPeer { peer_id: 1, kind: AckKind::Neg(libc::EINVAL) }]);
+        assert_eq!(
+            out,
+            vec![Action::AckPeer {
+                peer_id: 1,
+                kind: AckKind::Neg(libc::EINVAL)
+            }]
+        );
     }
 }

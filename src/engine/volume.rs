@@ -212,7 +212,8 @@ impl Volume {
             let mut g = self.lock();
             let mut actions = Vec::with_capacity(2);
             let now_ms = self.now_ms();
-            g.engine.handle(now_ms, Event::LocalDone { id, result: errno }, &mut actions);
+            g.engine
+                .handle(now_ms, Event::LocalDone { id, result: errno }, &mut actions);
             Self::run_actions(&mut g, &mut actions);
         }
         let result = done_rx.await.map_err(|_| IoError::Shutdown)?;

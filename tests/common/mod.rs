@@ -89,7 +89,10 @@ pub fn sha256_of(path: &Path, len: Option<u64>) -> String {
         None => format!("sha256sum < '{}'", path.display()),
     };
     let out = run_ok(120, "sh", &["-c", &script]);
-    out.split_whitespace().next().unwrap_or_default().to_string()
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A test directory with two nodes' backing files and a config.
@@ -121,7 +124,15 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create test dir");
         for n in ["alpha", "beta"] {
-            run_ok(10, "truncate", &["-s", size, &dir.join(format!("{n}.img")).display().to_string()]);
+            run_ok(
+                10,
+                "truncate",
+                &[
+                    "-s",
+                    size,
+                    &dir.join(format!("{n}.img")).display().to_string(),
+                ],
+            );
         }
         let device = PathBuf::from(format!("/dev/rdb-test-{tag}-{}", std::process::id()));
         let (pa, pb) = (free_port(), free_port());
@@ -209,7 +220,10 @@ impl Cluster {
             }
         }
         // Unmount anything left under the directory (deepest first).
-        if let Ok(out) = Command::new("findmnt").args(["-rn", "-o", "TARGET"]).output() {
+        if let Ok(out) = Command::new("findmnt")
+            .args(["-rn", "-o", "TARGET"])
+            .output()
+        {
             let mut mounts: Vec<String> = String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .filter(|m| m.starts_with(&self.dir.display().to_string()))
@@ -230,7 +244,10 @@ impl Cluster {
             }
         }
         // Loop devices whose backing file lives under our directory.
-        if let Ok(out) = Command::new("losetup").args(["-nO", "NAME,BACK-FILE"]).output() {
+        if let Ok(out) = Command::new("losetup")
+            .args(["-nO", "NAME,BACK-FILE"])
+            .output()
+        {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let mut it = line.split_whitespace();
                 if let (Some(dev), Some(back)) = (it.next(), it.next()) {

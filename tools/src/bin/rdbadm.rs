@@ -145,7 +145,8 @@ impl Ctx {
                 .filter(|r| cfg.resolve(r, &self.node).is_ok())
                 .collect())
         } else {
-            cfg.resolve(resource, &self.node).map_err(|e| anyhow!("{e}"))?;
+            cfg.resolve(resource, &self.node)
+                .map_err(|e| anyhow!("{e}"))?;
             Ok(vec![resource.to_string()])
         }
     }
@@ -200,10 +201,7 @@ impl Ctx {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "rdbd did not start within 10 s; see {}",
-            log_path.display()
-        )
+        bail!("rdbd did not start within 10 s; see {}", log_path.display())
     }
 }
 
@@ -246,7 +244,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Dump { resource } => {
             let cfg = ctx.config()?;
             let which = resource.filter(|r| r != "all");
-            print!("{}", cfg.dump(which.as_deref()).map_err(|e| anyhow!("{e}"))?);
+            print!(
+                "{}",
+                cfg.dump(which.as_deref()).map_err(|e| anyhow!("{e}"))?
+            );
         }
         Cmd::CreateMd { resource } => {
             let cfg = ctx.config()?;
@@ -279,7 +280,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::DumpMd { resource, json } => {
             let cfg = ctx.config()?;
-            let rc = cfg.resolve(&resource, &ctx.node).map_err(|e| anyhow!("{e}"))?;
+            let rc = cfg
+                .resolve(&resource, &ctx.node)
+                .map_err(|e| anyhow!("{e}"))?;
             let mut all = Vec::new();
             for vol in &rc.volumes {
                 let md = meta::read_md(&vol.disk, &meta_location(&vol.meta_disk))
@@ -318,7 +321,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for vol in &rc.volumes {
                     meta::wipe_md(&vol.disk, &meta_location(&vol.meta_disk))
                         .map_err(|e| anyhow!("{name}: {e}"))?;
-                    println!("Wiping meta data of {name} on {}... done", vol.disk.display());
+                    println!(
+                        "Wiping meta data of {name} on {}... done",
+                        vol.disk.display()
+                    );
                 }
             }
         }
@@ -346,7 +352,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Primary { resource } => {
             let cfg = ctx.config()?;
             for name in ctx.names(&cfg, &resource)? {
-                state_call(&ctx, Command::Primary { resource: name, force }, long)?;
+                state_call(
+                    &ctx,
+                    Command::Primary {
+                        resource: name,
+                        force,
+                    },
+                    long,
+                )?;
             }
         }
         Cmd::Secondary { resource } => {
