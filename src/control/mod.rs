@@ -55,6 +55,19 @@ pub enum Command {
         /// Resource name.
         resource: String,
     },
+    /// Start connecting to the peer (after `disconnect`).
+    Connect {
+        /// Resource name.
+        resource: String,
+        /// Discard this node's data in a split brain (become SyncTarget).
+        #[serde(default)]
+        discard_my_data: bool,
+    },
+    /// Drop the connection and stay StandAlone.
+    Disconnect {
+        /// Resource name.
+        resource: String,
+    },
     /// Status of one resource, or all when `None`.
     Status {
         /// Resource name.

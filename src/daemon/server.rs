@@ -213,6 +213,23 @@ impl Daemon {
                     Err(e) => Response::error(format!("{resource}: {e}")),
                 },
             },
+            Command::Connect {
+                resource,
+                discard_my_data,
+            } => match resources.get_mut(&resource) {
+                None => not_up(&resource),
+                Some(res) => match res.connect(discard_my_data).await {
+                    Ok(()) => Response::ok(format!("{resource}: connecting")),
+                    Err(e) => Response::error(format!("{resource}: {e}")),
+                },
+            },
+            Command::Disconnect { resource } => match resources.get_mut(&resource) {
+                None => not_up(&resource),
+                Some(res) => match res.disconnect().await {
+                    Ok(()) => Response::ok(format!("{resource}: StandAlone")),
+                    Err(e) => Response::error(format!("{resource}: {e}")),
+                },
+            },
             Command::Shutdown => {
                 let _ = self.stop.send(true);
                 Response::ok("rdbd shutting down")

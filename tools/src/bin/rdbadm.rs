@@ -90,6 +90,27 @@ enum Cmd {
         /// Resource name or `all`.
         resource: String,
     },
+    /// Connect to the peer (after `disconnect`).
+    Connect {
+        /// Resource name or `all`.
+        resource: String,
+        /// In a split brain, discard this node's data and resync from the peer.
+        #[arg(long = "discard-my-data")]
+        discard_my_data: bool,
+    },
+    /// Disconnect from the peer (StandAlone).
+    Disconnect {
+        /// Resource name or `all`.
+        resource: String,
+    },
+    /// Wait until the resource is connected to its peer.
+    WaitConnect {
+        /// Resource name or `all`.
+        resource: String,
+        /// Give up after this many seconds (0 = wait forever).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
     /// Show the state of resources.
     Status {
         /// Resource name or `all` (default).
@@ -366,6 +387,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = ctx.config()?;
             for name in ctx.names(&cfg, &resource)? {
                 state_call(&ctx, Command::Secondary { resource: name }, long)?;
+            }
+        }
+        Cmd::Connect {
+            resource,
+            discard_my_data,
+        } => {
+            let cfg = ctx.config()?;
+            for name in ctx.names(&cfg, &resource)? {
+                state_call(
+                    &ctx,
+                    Command::Connect {
+                        resource: name,
+                        discard_my_data,
+                    },
+                    long,
+                )?;
+            }
+        }
+        Cmd::Disconnect { resource } => {
+            let cfg = ctx.config()?;
+            for name in ctx.names(&cfg, &resource)? {
+                state_call(&ctx, Command::Disconnect { resource: name }, long)?;
+            }
+        }
+        Cmd::WaitConnect { resource, timeout } => {
+            let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout));
+            let cfg = ctx.config()?;
+            for name in ctx.names(&cfg, &resource)? {
+                loop {
+                    let s = one_status(&ctx, &name)?;
+                    if !matches!(
+                        s.connection.as_str(),
+                        "StandAlone" | "Connecting" | "Disconnecting"
+                    ) {
+                        break;
+                    }
+                    if s.role == "Unconfigured" {
+                        bail!("{name}: resource is not up");
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        eprintln!("{name}: not connected after {timeout} s ({})", s.connection);
+                        return Ok(ExitCode::from(5));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
         Cmd::Status {
