@@ -12,7 +12,8 @@ use common::*;
 
 fn connected_to_secondary(c: &Cluster) -> bool {
     let s = c.status("alpha");
-    matches!(s["connection"].as_str(), Some("Connected" | "SyncSource")) && s["peer_role"] == "Secondary"
+    matches!(s["connection"].as_str(), Some("Connected" | "SyncSource"))
+        && s["peer_role"] == "Secondary"
 }
 
 fn pair_up(c: &Cluster) {
@@ -35,9 +36,20 @@ fn fio_verify(c: &Cluster, size: &str) {
         600,
         "fio",
         &[
-            "--name=v", "--ioengine=nbd", &format!("--uri={}", c.nbd_uri("alpha")), "--rw=randwrite",
-            "--bs=4k", "--iodepth=32", "--numjobs=2", &format!("--size={size}"), "--offset_increment=96M",
-            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting", "--output=/dev/null",
+            "--name=v",
+            "--ioengine=nbd",
+            &format!("--uri={}", c.nbd_uri("alpha")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--numjobs=2",
+            &format!("--size={size}"),
+            "--offset_increment=96M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--group_reporting",
+            "--output=/dev/null",
         ],
     );
 }
@@ -53,7 +65,12 @@ fn protocols_a_b_c_replicate_identically() {
     need_root();
     need("fio", "fio");
     for proto in ["C", "A", "B"] {
-        let c = Cluster::new(&format!("rep{proto}"), proto, "256M", "cram-hmac-alg sha256; shared-secret \"s3cret\";");
+        let c = Cluster::new(
+            &format!("rep{proto}"),
+            proto,
+            "256M",
+            "cram-hmac-alg sha256; shared-secret \"s3cret\";",
+        );
         pair_up(&c);
         assert_eq!(c.status("alpha")["protocol"], proto);
         fio_verify(&c, "48M");
@@ -61,8 +78,15 @@ fn protocols_a_b_c_replicate_identically() {
             120,
             "fio",
             &[
-                "--name=s", "--ioengine=nbd", &format!("--uri={}", c.nbd_uri("alpha")), "--rw=write",
-                "--bs=1M", "--iodepth=8", "--size=32M", "--offset=200M", "--output=/dev/null",
+                "--name=s",
+                "--ioengine=nbd",
+                &format!("--uri={}", c.nbd_uri("alpha")),
+                "--rw=write",
+                "--bs=1M",
+                "--iodepth=8",
+                "--size=32M",
+                "--offset=200M",
+                "--output=/dev/null",
             ],
         );
         let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
@@ -100,19 +124,38 @@ fn finished_within(child: &mut std::process::Child, timeout: Duration) -> bool {
 
 /// A cluster whose two nodes reach each other only through proxies.
 fn proxied(tag: &str, proto: &str) -> (Cluster, Proxy, Proxy, std::path::PathBuf) {
-    let c = Cluster::new(tag, proto, "64M", "ping-int 1; ping-timeout 5; timeout 20; connect-int 1;");
+    let c = Cluster::new(
+        tag,
+        proto,
+        "64M",
+        "ping-int 1; ping-timeout 5; timeout 20; connect-int 1;",
+    );
     let conf = std::fs::read_to_string(&c.conf).unwrap();
     let addr = |node: &str| -> SocketAddr {
         let start = conf.find(&format!("on {node}")).unwrap();
-        let line = conf[start..].lines().find(|l| l.contains("address")).unwrap();
-        line.trim().trim_start_matches("address").trim().trim_end_matches(';').parse().unwrap()
+        let line = conf[start..]
+            .lines()
+            .find(|l| l.contains("address"))
+            .unwrap();
+        line.trim()
+            .trim_start_matches("address")
+            .trim()
+            .trim_end_matches(';')
+            .parse()
+            .unwrap()
     };
     let (a, b) = (addr("alpha"), addr("beta"));
     // to_beta: alpha dials it to reach beta; to_alpha: beta dials it to reach alpha.
     let to_beta = Proxy::start("127.0.0.1:0", b);
     let to_alpha = Proxy::start("127.0.0.1:0", a);
-    let alpha_conf = conf.replace(&format!("address {b};"), &format!("address {};", to_beta.addr));
-    let beta_conf = conf.replace(&format!("address {a};"), &format!("address {};", to_alpha.addr));
+    let alpha_conf = conf.replace(
+        &format!("address {b};"),
+        &format!("address {};", to_beta.addr),
+    );
+    let beta_conf = conf.replace(
+        &format!("address {a};"),
+        &format!("address {};", to_alpha.addr),
+    );
     std::fs::write(&c.conf, alpha_conf).unwrap();
     let beta_path = c.dir.join("rdb-beta.conf");
     std::fs::write(&beta_path, beta_conf).unwrap();
@@ -122,7 +165,14 @@ fn proxied(tag: &str, proto: &str) -> (Cluster, Proxy, Proxy, std::path::PathBuf
 fn adm_conf(c: &Cluster, conf: &std::path::Path, node: &str, args: &[&str]) -> String {
     let run_dir = c.run_dir(node);
     std::fs::create_dir_all(&run_dir).unwrap();
-    let mut full = vec!["-c", conf.to_str().unwrap(), "--node", node, "--run-dir", run_dir.to_str().unwrap()];
+    let mut full = vec![
+        "-c",
+        conf.to_str().unwrap(),
+        "--node",
+        node,
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
     full.extend_from_slice(args);
     run_ok(120, &bin("rdbadm").display().to_string(), &full)
 }
@@ -137,29 +187,53 @@ fn completion_rules_under_stalled_acks() {
         c.adm_ok("alpha", &["up", "r0"]);
         adm_conf(&c, &beta_conf, "beta", &["up", "r0"]);
         c.adm_ok("alpha", &["primary", "r0", "--force"]);
-        assert!(wait_for(Duration::from_secs(30), || connected_to_secondary(&c)), "{proto}: no connection");
+        assert!(
+            wait_for(Duration::from_secs(30), || connected_to_secondary(&c)),
+            "{proto}: no connection"
+        );
         // Stall everything beta sends to alpha (acks), whichever way the link was dialled.
         to_beta.stall(Dir::FromTarget, true);
         to_alpha.stall(Dir::ToTarget, true);
         let mut child = spawn_write(&c, 8192);
         let done_while_stalled = finished_within(&mut child, Duration::from_secs(3));
         match proto {
-            "A" => assert!(done_while_stalled, "protocol A write did not complete while acks were stalled"),
-            _ => assert!(!done_while_stalled, "protocol {proto} write completed without the peer's ack"),
+            "A" => assert!(
+                done_while_stalled,
+                "protocol A write did not complete while acks were stalled"
+            ),
+            _ => assert!(
+                !done_while_stalled,
+                "protocol {proto} write completed without the peer's ack"
+            ),
         }
         to_beta.heal();
         to_alpha.heal();
-        assert!(finished_within(&mut child, Duration::from_secs(20)), "{proto}: write never completed after heal");
+        assert!(
+            finished_within(&mut child, Duration::from_secs(20)),
+            "{proto}: write never completed after heal"
+        );
         assert!(child.wait().unwrap().success());
         // The write reached beta (for B: it completed only once beta received it).
         let beta = adm_conf(&c, &beta_conf, "beta", &["status", "r0", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&beta).unwrap();
-        assert!(v["resources"][0]["counters"]["net_received_bytes"].as_u64().unwrap() >= 4096);
+        assert!(
+            v["resources"][0]["counters"]["net_received_bytes"]
+                .as_u64()
+                .unwrap()
+                >= 4096
+        );
         c.adm_ok("alpha", &["secondary", "r0"]);
         c.adm_ok("alpha", &["down", "r0"]);
         adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
-        let (a, b) = (std::fs::read(c.img("alpha")).unwrap(), std::fs::read(c.img("beta")).unwrap());
-        assert_eq!(&a[8192..12288], &b[8192..12288], "{proto}: the stalled write did not reach beta");
+        let (a, b) = (
+            std::fs::read(c.img("alpha")).unwrap(),
+            std::fs::read(c.img("beta")).unwrap(),
+        );
+        assert_eq!(
+            &a[8192..12288],
+            &b[8192..12288],
+            "{proto}: the stalled write did not reach beta"
+        );
     }
 }
 
@@ -167,7 +241,12 @@ fn completion_rules_under_stalled_acks() {
 fn primary_keeps_serving_when_the_secondary_is_killed() {
     need_root();
     need("fio", "fio");
-    let c = Cluster::new("killsec", "C", "128M", "ping-int 1; ping-timeout 5; timeout 10;");
+    let c = Cluster::new(
+        "killsec",
+        "C",
+        "128M",
+        "ping-int 1; ping-timeout 5; timeout 10;",
+    );
     pair_up(&c);
     let beta_pid = std::fs::read_to_string(c.run_dir("beta").join("rdbd.pid")).unwrap();
     // Writes of known blocks while beta dies.
@@ -182,22 +261,36 @@ print("ok")
 "#;
     run_ok(60, "/usr/bin/python3", &["-c", script, &c.nbd_uri("alpha")]);
     let elapsed = t0.elapsed();
-    assert!(elapsed < Duration::from_secs(30), "primary paused {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "primary paused {elapsed:?}"
+    );
     let s = c.status("alpha");
     assert_ne!(s["connection"], "Connected");
     // 256 distinct 4 KiB blocks were written: the bitmap covers all of them.
     let oos = s["out_of_sync_bytes"].as_u64().unwrap();
-    assert!(oos >= 256 * 4096, "bitmap covers {oos} bytes, want >= {}", 256 * 4096);
+    assert!(
+        oos >= 256 * 4096,
+        "bitmap covers {oos} bytes, want >= {}",
+        256 * 4096
+    );
 }
 
 #[test]
 fn wrong_shared_secret_never_connects() {
     need_root();
-    let c = Cluster::new("secret", "C", "64M", "cram-hmac-alg sha256; shared-secret \"right\";");
+    let c = Cluster::new(
+        "secret",
+        "C",
+        "64M",
+        "cram-hmac-alg sha256; shared-secret \"right\";",
+    );
     let beta_conf = c.dir.join("rdb-beta.conf");
     std::fs::write(
         &beta_conf,
-        std::fs::read_to_string(&c.conf).unwrap().replace("\"right\"", "\"wrong\""),
+        std::fs::read_to_string(&c.conf)
+            .unwrap()
+            .replace("\"right\"", "\"wrong\""),
     )
     .unwrap();
     c.adm_ok("alpha", &["create-md", "r0"]);
@@ -211,6 +304,9 @@ fn wrong_shared_secret_never_connects() {
         "a peer with the wrong secret connected: {s}"
     );
     let log = std::fs::read_to_string(c.run_dir("alpha").join("rdbd.log")).unwrap();
-    assert!(log.to_lowercase().contains("authentication"), "no clear log line: {log}");
+    assert!(
+        log.to_lowercase().contains("authentication"),
+        "no clear log line: {log}"
+    );
     adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
 }

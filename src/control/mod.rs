@@ -144,6 +144,9 @@ pub struct ResourceStatus {
     pub peer_role: String,
     /// The peer's disk (DUnknown when not connected).
     pub peer_disk: String,
+    /// Why the connection is not established (authentication failure, refusal...).
+    #[serde(default)]
+    pub connection_error: Option<String>,
     /// Replication protocol (A, B or C).
     pub protocol: String,
     /// Size of the device in bytes.

@@ -6,8 +6,10 @@
 //! the last resource goes down or on `Shutdown`.
 //!
 //! Layers: [`server`] accepts control connections and decodes lines; [`resource`]
-//! carries out `up`, `down`, `primary`, `secondary` for one resource.
+//! carries out `up`, `down`, `primary`, `secondary` for one resource;
+//! [`replication`] keeps its link to the peer.
 
+pub mod replication;
 pub mod resource;
 pub mod server;
 

@@ -15,11 +15,14 @@ use tokio::task::JoinHandle;
 
 use crate::config::{self, FrontendKind, MetaDisk, ResourceConfig};
 use crate::control::{ResourceStatus, Uuids};
+use crate::daemon::replication::Replication;
 use crate::daemon::{nbd_socket_path, DaemonOptions};
+use crate::engine::core::Protocol;
 use crate::engine::{DiskState, Role, Volume};
 use crate::frontend::fuse::{FuseLoopDevice, FuseLoopOptions};
 use crate::frontend::nbd::{ExportInfo, ExportLookup, ExportResolver, NbdLimits, NbdServer};
 use crate::meta::{self, MetaData, MetaLocation};
+use crate::peer::{PeerAuth, PeerSettings};
 use crate::storage::{self, BlockIo, EngineKind};
 
 /// Errors of resource operations, worded for the administrator.
@@ -107,6 +110,7 @@ pub struct Resource {
     device: Option<FuseLoopDevice>,
     frontend: &'static str,
     frontend_reason: String,
+    replication: Option<Replication>,
 }
 
 /// Picks the block-device frontend for this kernel.
@@ -195,7 +199,13 @@ impl Resource {
             },
         )?;
         let disk = disk_state_from_flags(md.superblock.flags);
-        let volume = Arc::new(Volume::new(name, storage, disk));
+        let bitmap = meta::Bitmap::load(&md)?;
+        let protocol = match cfg.net.protocol {
+            config::Protocol::A => Protocol::A,
+            config::Protocol::B => Protocol::B,
+            config::Protocol::C => Protocol::C,
+        };
+        let volume = Arc::new(Volume::new(name, storage, disk, protocol, bitmap));
         tracing::info!(
             resource = name,
             "disk( Diskless -> {disk} ), size {} bytes",
@@ -246,6 +256,26 @@ impl Resource {
                 }
             }));
         }
+        let replication = match cfg.peers.as_slice() {
+            [] => None,
+            [peer] => {
+                let settings = peer_settings(&cfg, peer);
+                let r = Replication::start(volume.clone(), settings)
+                    .await
+                    .map_err(|source| ResourceError::Io {
+                        what: "cannot listen for the peer on",
+                        path: PathBuf::from(cfg.this_host.address.to_string()),
+                        source,
+                    })?;
+                Some(r)
+            }
+            more => {
+                return Err(ResourceError::Unsupported(format!(
+                    "resource {name} has {} peers; this version of rdb replicates to one peer",
+                    more.len()
+                )))
+            }
+        };
         let (frontend, frontend_reason) = match choose_frontend(cfg.frontend) {
             Ok(f) => f,
             Err(reason) => ("none", reason),
@@ -263,6 +293,7 @@ impl Resource {
                 device: None,
                 frontend,
                 frontend_reason,
+                replication,
             },
             warnings,
         ))
@@ -297,6 +328,7 @@ impl Resource {
             meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;
         sb.flags &= !meta::flags::OUTDATED;
         self.persist()?;
+        self.volume.announce_state();
         if self.device.is_none() && self.frontend == "fuse+loop" {
             match self.attach_device() {
                 Ok(dev) => self.device = Some(dev),
@@ -373,6 +405,7 @@ impl Resource {
             }
         }
         self.volume.demote()?;
+        self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
         self.md.superblock.flags &= !meta::flags::PRIMARY_IND;
         self.persist()?;
@@ -394,7 +427,41 @@ impl Resource {
         self.stop_everything().await
     }
 
+    /// `connect`: start (or keep) connecting to the peer.
+    pub async fn connect(&mut self, discard_my_data: bool) -> Result<(), ResourceError> {
+        if discard_my_data {
+            return Err(ResourceError::Unsupported(
+                "connect --discard-my-data needs split-brain recovery, not in this version".into(),
+            ));
+        }
+        match &self.replication {
+            Some(r) => {
+                r.connect();
+                Ok(())
+            }
+            None => Err(ResourceError::Unsupported(format!(
+                "resource {} has no peer configured",
+                self.name()
+            ))),
+        }
+    }
+
+    /// `disconnect`: drop the link and stay StandAlone.
+    pub async fn disconnect(&mut self) -> Result<(), ResourceError> {
+        if let Some(r) = &self.replication {
+            r.disconnect();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.volume.snapshot().conn.is_connected() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    }
+
     async fn stop_everything(&mut self) -> Result<(), ResourceError> {
+        if let Some(r) = self.replication.as_mut() {
+            r.stop().await;
+        }
         let _ = self.nbd_stop.send(true);
         for task in self.nbd_tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -430,8 +497,9 @@ impl Resource {
             disk: snap.disk.to_string(),
             connection: snap.conn.to_string(),
             peer: self.cfg.peers.first().map(|p| p.name.clone()),
-            peer_role: Role::Unknown.to_string(),
-            peer_disk: DiskState::DUnknown.to_string(),
+            peer_role: snap.peer_role.to_string(),
+            peer_disk: snap.peer_disk.to_string(),
+            connection_error: self.replication.as_ref().and_then(|r| r.last_error()),
             protocol: self.cfg.net.protocol.to_string(),
             size_bytes: snap.size_bytes,
             device: vol.device.display().to_string(),
@@ -448,7 +516,7 @@ impl Resource {
                 .map(|d| d.loop_path().display().to_string()),
             disk_path: vol.disk.display().to_string(),
             io_engine: self.io_engine.to_string(),
-            out_of_sync_bytes: 0,
+            out_of_sync_bytes: snap.out_of_sync_bytes,
             resync_bytes_total: 0,
             uuids: Uuids {
                 current: hex_uuid(sb.uuids.current),
@@ -458,5 +526,33 @@ impl Resource {
             counters: snap.counters,
             nbd_clients: self.nbd.connection_count(),
         }
+    }
+}
+
+/// Transport settings from the resolved configuration.
+fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSettings {
+    let net = &cfg.net;
+    PeerSettings {
+        resource: cfg.name.clone(),
+        node_name: cfg.node.clone(),
+        peer_name: peer.name.clone(),
+        listen_addr: cfg.this_host.address,
+        peer_addr: peer.address,
+        auth: match (&net.cram_hmac_alg, &net.shared_secret) {
+            (Some(alg), Some(secret)) => Some(PeerAuth {
+                alg: alg.clone(),
+                secret: secret.as_bytes().to_vec(),
+            }),
+            _ => None,
+        },
+        ping_int_ms: net.ping_int_ms,
+        ping_timeout_ms: net.ping_timeout_ms,
+        timeout_ms: net.timeout_ms,
+        connect_int_ms: net.connect_int_ms,
+        ko_count: net.ko_count,
+        sndbuf_size_bytes: net.sndbuf_size_bytes,
+        rcvbuf_size_bytes: net.rcvbuf_size_bytes,
+        max_buffers: net.max_buffers,
+        volumes: cfg.volumes.len() as u32,
     }
 }

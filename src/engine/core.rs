@@ -642,6 +642,15 @@ impl Engine {
             tracing::info!("conn( {} -> {next} )", self.conn);
         }
         self.conn = next;
+        if self.role == Role::Secondary
+            && self.peer_role == Role::Primary
+            && self.disk == DiskState::UpToDate
+        {
+            // The Primary may go on writing without us: our data is consistent but
+            // no longer known to be current.
+            tracing::info!("disk( UpToDate -> Consistent ) lost the Primary");
+            self.disk = DiskState::Consistent;
+        }
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::DUnknown;
         let waiting: Vec<ReqId> = self
@@ -960,10 +969,7 @@ mod tests {
                 continue;
             }
             assert!(out.is_empty(), "{protocol:?} completed before the peer");
-            for step in [
-                PeerProgress::Received,
-                PeerProgress::Written,
-            ] {
+            for step in [PeerProgress::Received, PeerProgress::Written] {
                 e.handle(
                     0,
                     Event::PeerProgressed {

@@ -3,37 +3,83 @@
 //! [`Volume`] implements [`BlockIo`], so the NBD server and the FUSE frontend serve a
 //! replicated resource exactly as they would serve a file. Each call becomes an
 //! [`Event::Request`] for the [`Engine`]; the engine answers with actions that this
-//! driver carries out: the request's own future performs its local I/O when the
-//! engine says `SubmitLocal`, and returns when the engine says `Complete`. Requests
-//! held back by the engine (overlapping writes) wait on a one-shot signal.
+//! driver carries out:
 //!
-//! The engine and the table of waiting requests sit behind one mutex held only for
-//! the few instructions of a state transition, never across an `.await`.
+//! - `SubmitLocal`: the request's own future performs its local I/O (no extra task);
+//! - `SendPeer`: the request becomes a frame for the peer, queued on the connection's
+//!   bounded queue before the request's future returns (back-pressure);
+//! - `MarkOutOfSync`: the dirty bitmap is updated before the completion is reported;
+//! - `Complete`: the waiting future is woken;
+//! - `SubmitPeerRequest` / `AckPeer`: a write received from the Primary is applied by
+//!   a task and acknowledged.
+//!
+//! The engine, the table of waiting requests and the peer's pending work sit behind
+//! one mutex held only for the few instructions of a state transition, never across
+//! an `.await`: frames to send are collected under the lock and sent after it.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
+use rdb_protocol::repl::{self, Digest, Frame};
 use tokio::sync::oneshot;
 
-use crate::engine::core::{Action, Counters, Engine, Event, Protocol, Refusal, ReqId, ReqKind};
+use crate::engine::core::{
+    AckKind, Action, Counters, Engine, Event, PeerProgress, Protocol, Refusal, ReqId, ReqKind,
+};
 use crate::engine::state::{ConnState, DiskState, Role};
 use crate::engine::StateChangeError;
+use crate::meta::Bitmap;
 use crate::storage::{BlockIo, Extent, IoError, IoFuture};
+
+/// Largest request sent to the peer in one frame; larger writes are split.
+pub const MAX_PEER_REQUEST_BYTES: u64 = repl::MAX_PAYLOAD_BYTES as u64;
+
+/// Where the volume sends frames for its peer: the connection's bounded queue.
+pub trait PeerTx: Send + Sync {
+    /// Queues a frame; false when the connection is gone.
+    fn send(&self, frame: Frame<Bytes>) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
 
 /// One request's rendezvous with the engine.
 struct Slot {
+    kind: ReqKind,
+    offset_bytes: u64,
+    len_bytes: u64,
+    data: Option<Bytes>,
+    fua: bool,
+    may_unmap: bool,
     /// Fired when the engine submits the request to the local disk.
     go: Option<oneshot::Sender<()>>,
     /// Fired when the engine completes the request.
     done: Option<oneshot::Sender<Result<(), Refusal>>>,
 }
 
+/// A request received from the peer, until it is acknowledged.
+struct PeerWork {
+    kind: ReqKind,
+    offset_bytes: u64,
+    len_bytes: u64,
+    payload: Option<Bytes>,
+    fua: bool,
+}
+
 struct Inner {
     engine: Engine,
     slots: HashMap<ReqId, Slot>,
+    peer_work: HashMap<u64, PeerWork>,
+    peer_tx: Option<Arc<dyn PeerTx>>,
+    bitmap: Bitmap,
+}
+
+/// Work collected under the lock, carried out after it is released.
+enum Deferred {
+    Send(Arc<dyn PeerTx>, Frame<Bytes>),
+    SubmitPeer(u64),
 }
 
 /// A snapshot of a volume's state for `status`.
@@ -45,10 +91,16 @@ pub struct VolumeSnapshot {
     pub disk: DiskState,
     /// The connection state.
     pub conn: ConnState,
+    /// The peer's role.
+    pub peer_role: Role,
+    /// The peer's disk.
+    pub peer_disk: DiskState,
     /// Counters.
     pub counters: Counters,
     /// Size in bytes.
     pub size_bytes: u64,
+    /// Bytes marked out of sync in the bitmap.
+    pub out_of_sync_bytes: u64,
 }
 
 /// The operation a request carries to the local disk.
@@ -75,17 +127,68 @@ impl std::fmt::Debug for Volume {
     }
 }
 
+fn role_code(r: Role) -> u8 {
+    match r {
+        Role::Primary => repl::ROLE_PRIMARY,
+        Role::Secondary => repl::ROLE_SECONDARY,
+        Role::Unknown => repl::ROLE_UNKNOWN,
+    }
+}
+
+fn disk_code(d: DiskState) -> u8 {
+    match d {
+        DiskState::Diskless => repl::DISK_DISKLESS,
+        DiskState::Attaching => repl::DISK_ATTACHING,
+        DiskState::Inconsistent => repl::DISK_INCONSISTENT,
+        DiskState::Outdated => repl::DISK_OUTDATED,
+        DiskState::DUnknown => repl::DISK_DUNKNOWN,
+        DiskState::Consistent => repl::DISK_CONSISTENT,
+        DiskState::UpToDate => repl::DISK_UPTODATE,
+    }
+}
+
+/// Role from its wire code.
+pub fn role_from_code(c: u8) -> Role {
+    match c {
+        repl::ROLE_PRIMARY => Role::Primary,
+        repl::ROLE_SECONDARY => Role::Secondary,
+        _ => Role::Unknown,
+    }
+}
+
+/// Disk state from its wire code.
+pub fn disk_from_code(c: u8) -> DiskState {
+    match c {
+        repl::DISK_DISKLESS => DiskState::Diskless,
+        repl::DISK_ATTACHING => DiskState::Attaching,
+        repl::DISK_INCONSISTENT => DiskState::Inconsistent,
+        repl::DISK_OUTDATED => DiskState::Outdated,
+        repl::DISK_CONSISTENT => DiskState::Consistent,
+        repl::DISK_UPTODATE => DiskState::UpToDate,
+        _ => DiskState::DUnknown,
+    }
+}
+
 impl Volume {
     /// A volume named `name` over `storage` (the data area), with the disk state read
-    /// from meta-data.
-    pub fn new(name: &str, storage: Arc<dyn BlockIo>, disk: DiskState) -> Volume {
+    /// from meta-data and the dirty bitmap loaded from it.
+    pub fn new(
+        name: &str,
+        storage: Arc<dyn BlockIo>,
+        disk: DiskState,
+        protocol: Protocol,
+        bitmap: Bitmap,
+    ) -> Volume {
         let size_bytes = storage.size_bytes();
         Volume {
             name: name.to_string(),
             storage,
             inner: Mutex::new(Inner {
-                engine: Engine::new(size_bytes, disk, Protocol::C),
+                engine: Engine::new(size_bytes, disk, protocol),
                 slots: HashMap::new(),
+                peer_work: HashMap::new(),
+                peer_tx: None,
+                bitmap,
             }),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
@@ -98,8 +201,8 @@ impl Volume {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves the engine in a state we cannot
-        // trust; poisoning is propagated as a panic of this task only.
+        // The lock is never held across an await nor while calling user code; a
+        // panic under it is a bug that already aborted that task: keep serving.
         match self.inner.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -123,24 +226,298 @@ impl Volume {
     /// A snapshot for status.
     pub fn snapshot(&self) -> VolumeSnapshot {
         let g = self.lock();
+        let (peer_role, peer_disk) = g.engine.peer();
         VolumeSnapshot {
             role: g.engine.role(),
             disk: g.engine.disk(),
             conn: g.engine.conn(),
+            peer_role,
+            peer_disk,
             counters: g.engine.counters(),
+            size_bytes: g.engine.size_bytes(),
+            out_of_sync_bytes: g.bitmap.out_of_sync_bytes(),
+        }
+    }
+
+    /// Runs `f` on the dirty bitmap (persistence, resync).
+    pub fn with_bitmap<T>(&self, f: impl FnOnce(&mut Bitmap) -> T) -> T {
+        f(&mut self.lock().bitmap)
+    }
+
+    /// This node's state as a frame for the peer.
+    pub fn state_frame(&self) -> Frame<Bytes> {
+        let g = self.lock();
+        Frame::State {
+            role: role_code(g.engine.role()),
+            disk: disk_code(g.engine.disk()),
+            flags: 0,
             size_bytes: g.engine.size_bytes(),
         }
     }
 
-    /// Carries out the engine's actions (called with the lock held; only signals).
-    fn run_actions(inner: &mut Inner, actions: &mut Vec<Action>) {
+    /// Tells the peer about a role or disk change (no-op when not connected).
+    pub fn announce_state(&self) {
+        let tx = self.lock().peer_tx.clone();
+        if let Some(tx) = tx {
+            let frame = self.state_frame();
+            tokio::spawn(async move {
+                tx.send(frame).await;
+            });
+        }
+    }
+
+    /// Marks the connection as being (re)established or abandoned (StandAlone).
+    pub fn set_connecting(&self, connecting: bool) {
+        self.lock().engine.set_connecting(connecting);
+    }
+
+    /// The peer is connected: frames go to `tx` from now on.
+    pub fn attach_peer(&self, tx: Arc<dyn PeerTx>, role: Role, disk: DiskState) {
+        let mut g = self.lock();
+        g.peer_tx = Some(tx);
+        let mut actions = Vec::new();
+        let now_ms = self.now_ms();
+        g.engine
+            .handle(now_ms, Event::PeerConnected { role, disk }, &mut actions);
+        let deferred = self.run_actions(&mut g, &mut actions);
+        drop(g);
+        self.spawn_deferred(deferred);
+    }
+
+    /// The peer is gone (`admin` = an administrator's `disconnect`).
+    pub fn detach_peer(&self, admin: bool) {
+        let mut g = self.lock();
+        g.peer_tx = None;
+        g.peer_work.clear();
+        let mut actions = Vec::new();
+        let now_ms = self.now_ms();
+        let event = if admin {
+            Event::Disconnect
+        } else {
+            Event::PeerLost
+        };
+        g.engine.handle(now_ms, event, &mut actions);
+        let deferred = self.run_actions(&mut g, &mut actions);
+        drop(g);
+        self.spawn_deferred(deferred);
+    }
+
+    /// Handles a frame received from the peer.
+    pub fn on_frame(self: &Arc<Self>, frame: Frame<Bytes>) {
+        let event = match frame {
+            Frame::Data {
+                offset_bytes,
+                len,
+                request_id,
+                flags,
+                payload,
+                ..
+            } => {
+                let kind = if flags & repl::DATA_TRIM != 0 {
+                    ReqKind::Discard
+                } else if flags & repl::DATA_ZEROES != 0 {
+                    ReqKind::Zeroes
+                } else {
+                    ReqKind::Write
+                };
+                let work = PeerWork {
+                    kind,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                    payload: (kind == ReqKind::Write).then_some(payload),
+                    fua: flags & repl::DATA_FUA != 0,
+                };
+                self.lock().peer_work.insert(request_id, work);
+                Event::PeerRequest {
+                    peer_id: request_id,
+                    kind,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                }
+            }
+            Frame::Flush { id } => {
+                let work = PeerWork {
+                    kind: ReqKind::Flush,
+                    offset_bytes: 0,
+                    len_bytes: 0,
+                    payload: None,
+                    fua: false,
+                };
+                self.lock().peer_work.insert(id, work);
+                Event::PeerRequest {
+                    peer_id: id,
+                    kind: ReqKind::Flush,
+                    offset_bytes: 0,
+                    len_bytes: 0,
+                }
+            }
+            Frame::RecvAck { request_id, .. } => Event::PeerProgressed {
+                id: request_id,
+                progress: PeerProgress::Received,
+            },
+            Frame::WriteAck { request_id, .. } => Event::PeerProgressed {
+                id: request_id,
+                progress: PeerProgress::Written,
+            },
+            Frame::FlushAck { id } => Event::PeerProgressed {
+                id,
+                progress: PeerProgress::Written,
+            },
+            Frame::NegAck {
+                request_id, errno, ..
+            } => {
+                tracing::warn!(
+                    resource = %self.name,
+                    request_id,
+                    errno,
+                    "peer failed a write: block marked out of sync"
+                );
+                Event::PeerFailed { id: request_id }
+            }
+            Frame::State { role, disk, .. } => Event::PeerState {
+                role: role_from_code(role),
+                disk: disk_from_code(disk),
+            },
+            other => {
+                tracing::debug!(resource = %self.name, "ignoring frame {}", other.command());
+                return;
+            }
+        };
+        let mut g = self.lock();
+        let mut actions = Vec::new();
+        let now_ms = self.now_ms();
+        g.engine.handle(now_ms, event, &mut actions);
+        let deferred = self.run_actions(&mut g, &mut actions);
+        drop(g);
+        for d in deferred {
+            match d {
+                Deferred::SubmitPeer(pid) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.apply_peer_request(pid).await });
+                }
+                Deferred::Send(tx, frame) => {
+                    tokio::spawn(async move {
+                        tx.send(frame).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Applies one request of the peer to the local disk and reports it.
+    async fn apply_peer_request(self: Arc<Self>, peer_id: u64) {
+        let work = {
+            let mut g = self.lock();
+            g.peer_work
+                .get_mut(&peer_id)
+                .map(|w| (w.kind, w.offset_bytes, w.len_bytes, w.payload.take(), w.fua))
+        };
+        let result = match work {
+            None => Err(libc::ECANCELED),
+            Some((kind, offset, len, payload, fua)) => {
+                let r = match kind {
+                    ReqKind::Write => match payload {
+                        Some(data) => self.storage.write_at(offset, data, fua).await,
+                        None => Err(IoError::Invalid("peer write without payload".into())),
+                    },
+                    ReqKind::Flush => self.storage.flush().await,
+                    ReqKind::Discard => self.storage.discard(offset, len).await,
+                    ReqKind::Zeroes => self.storage.write_zeroes(offset, len, true).await,
+                    ReqKind::Read => Err(IoError::Invalid("peer read".into())),
+                };
+                r.map_err(|e| {
+                    tracing::error!(resource = %self.name, offset, len, "applying a peer write failed: {e}");
+                    e.errno()
+                })
+            }
+        };
+        let mut g = self.lock();
+        let mut actions = Vec::new();
+        let now_ms = self.now_ms();
+        g.engine.handle(
+            now_ms,
+            Event::PeerRequestDone { peer_id, result },
+            &mut actions,
+        );
+        let deferred = self.run_actions(&mut g, &mut actions);
+        drop(g);
+        for d in deferred {
+            match d {
+                Deferred::SubmitPeer(pid) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.apply_peer_request(pid).await });
+                }
+                Deferred::Send(tx, frame) => {
+                    tx.send(frame).await;
+                }
+            }
+        }
+    }
+
+    /// Carries out deferred work from a context that cannot await.
+    fn spawn_deferred(&self, deferred: Vec<Deferred>) {
+        for d in deferred {
+            match d {
+                Deferred::Send(tx, frame) => {
+                    tokio::spawn(async move {
+                        tx.send(frame).await;
+                    });
+                }
+                Deferred::SubmitPeer(pid) => {
+                    tracing::error!(pid, "peer request released outside the peer path");
+                }
+            }
+        }
+    }
+
+    /// Carries out the engine's actions under the lock; returns what must be done
+    /// after it is released.
+    fn run_actions(&self, inner: &mut Inner, actions: &mut Vec<Action>) -> Vec<Deferred> {
+        let mut deferred = Vec::new();
         for action in actions.drain(..) {
             match action {
                 Action::SubmitLocal(id) => {
                     if let Some(tx) = inner.slots.get_mut(&id).and_then(|s| s.go.take()) {
                         // The waiting future may have been dropped (client gone):
-                        // then the request still runs to keep the engine consistent.
+                        // its cancel guard reports the completion.
                         let _ = tx.send(());
+                    }
+                }
+                Action::SendPeer(id) => {
+                    let (Some(tx), Some(slot)) = (inner.peer_tx.clone(), inner.slots.get(&id))
+                    else {
+                        continue;
+                    };
+                    let frame = match slot.kind {
+                        ReqKind::Flush => Frame::Flush { id },
+                        kind => Frame::Data {
+                            offset_bytes: slot.offset_bytes,
+                            // Requests are split to MAX_PEER_REQUEST_BYTES before
+                            // they reach the engine, so the length fits.
+                            len: slot.len_bytes as u32,
+                            request_id: id,
+                            seq: id,
+                            flags: match kind {
+                                ReqKind::Discard => repl::DATA_TRIM,
+                                ReqKind::Zeroes if slot.may_unmap => {
+                                    repl::DATA_ZEROES | repl::DATA_TRIM
+                                }
+                                ReqKind::Zeroes => repl::DATA_ZEROES,
+                                _ if slot.fua => repl::DATA_FUA,
+                                _ => 0,
+                            },
+                            digest: Digest::EMPTY,
+                            payload: slot.data.clone().unwrap_or_default(),
+                        },
+                    };
+                    deferred.push(Deferred::Send(tx, frame));
+                }
+                Action::MarkOutOfSync {
+                    offset_bytes,
+                    len_bytes,
+                } => {
+                    if let Err(e) = inner.bitmap.set_range(offset_bytes, len_bytes) {
+                        tracing::error!(resource = %self.name, "bitmap: {e}");
                     }
                 }
                 Action::Complete { id, result } => {
@@ -150,9 +527,36 @@ impl Volume {
                         }
                     }
                 }
-                other => tracing::error!("no peer link to carry out {other:?}"),
+                Action::SubmitPeerRequest(pid) => deferred.push(Deferred::SubmitPeer(pid)),
+                Action::AckPeer { peer_id, kind } => {
+                    let work_kind = match kind {
+                        AckKind::Recv => inner.peer_work.get(&peer_id).map(|w| w.kind),
+                        _ => inner.peer_work.remove(&peer_id).map(|w| w.kind),
+                    };
+                    let Some(tx) = inner.peer_tx.clone() else {
+                        continue;
+                    };
+                    let frame = match (kind, work_kind) {
+                        (AckKind::Recv, _) => Frame::RecvAck {
+                            request_id: peer_id,
+                            seq: peer_id,
+                        },
+                        (AckKind::Write, Some(ReqKind::Flush)) => Frame::FlushAck { id: peer_id },
+                        (AckKind::Write, _) => Frame::WriteAck {
+                            request_id: peer_id,
+                            seq: peer_id,
+                        },
+                        (AckKind::Neg(errno), _) => Frame::NegAck {
+                            request_id: peer_id,
+                            seq: peer_id,
+                            errno: errno as u32,
+                        },
+                    };
+                    deferred.push(Deferred::Send(tx, frame));
+                }
             }
         }
+        deferred
     }
 
     async fn submit(
@@ -165,16 +569,27 @@ impl Volume {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (go_tx, go_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
-        {
+        let (data, fua, may_unmap) = match &op {
+            LocalOp::Write(d, fua) => (Some(d.clone()), *fua, false),
+            LocalOp::Zeroes(_, unmap) => (None, false, *unmap),
+            _ => (None, false, false),
+        };
+        let deferred = {
             let mut g = self.lock();
             g.slots.insert(
                 id,
                 Slot {
+                    kind,
+                    offset_bytes,
+                    len_bytes,
+                    data,
+                    fua,
+                    may_unmap,
                     go: Some(go_tx),
                     done: Some(done_tx),
                 },
             );
-            let mut actions = Vec::with_capacity(2);
+            let mut actions = Vec::with_capacity(3);
             let now_ms = self.now_ms();
             g.engine.handle(
                 now_ms,
@@ -186,13 +601,17 @@ impl Volume {
                 },
                 &mut actions,
             );
-            Self::run_actions(&mut g, &mut actions);
-        }
+            self.run_actions(&mut g, &mut actions)
+        };
         let mut local_error = None;
         let mut data = None;
         // `go` fires when the engine submits the request; if the slot is removed
         // without it (refusal), the sender is dropped and we go straight to `done`.
-        if go_rx.await.is_ok() {
+        // While waiting for `go` (overlapping write), nothing is sent yet.
+        let sends = self.send_all(deferred);
+        let go = async { go_rx.await.is_ok() };
+        let (_, go) = tokio::join!(sends, go);
+        if go {
             // If this future is dropped mid-I/O (client gone), the guard still reports
             // a completion so the engine never keeps a request in flight forever.
             let guard = CancelGuard { volume: self, id };
@@ -209,17 +628,34 @@ impl Volume {
                     Err(errno)
                 }
             };
-            let mut g = self.lock();
-            let mut actions = Vec::with_capacity(2);
-            let now_ms = self.now_ms();
-            g.engine
-                .handle(now_ms, Event::LocalDone { id, result: errno }, &mut actions);
-            Self::run_actions(&mut g, &mut actions);
+            let deferred = {
+                let mut g = self.lock();
+                let mut actions = Vec::with_capacity(2);
+                let now_ms = self.now_ms();
+                g.engine
+                    .handle(now_ms, Event::LocalDone { id, result: errno }, &mut actions);
+                self.run_actions(&mut g, &mut actions)
+            };
+            self.send_all(deferred).await;
         }
         let result = done_rx.await.map_err(|_| IoError::Shutdown)?;
         match result {
             Ok(()) => Ok(data),
             Err(refusal) => Err(local_error.unwrap_or_else(|| self.refusal_error(refusal))),
+        }
+    }
+
+    /// Sends deferred frames in order (awaiting queue space: back-pressure).
+    async fn send_all(&self, deferred: Vec<Deferred>) {
+        for d in deferred {
+            match d {
+                Deferred::Send(tx, frame) => {
+                    tx.send(frame).await;
+                }
+                Deferred::SubmitPeer(pid) => {
+                    tracing::error!(pid, "peer request released on the application path");
+                }
+            }
         }
     }
 
@@ -289,7 +725,9 @@ impl Drop for CancelGuard<'_> {
             },
             &mut actions,
         );
-        Volume::run_actions(&mut g, &mut actions);
+        let deferred = self.volume.run_actions(&mut g, &mut actions);
+        drop(g);
+        self.volume.spawn_deferred(deferred);
     }
 }
 
@@ -312,9 +750,17 @@ impl BlockIo for Volume {
         Box::pin(async move {
             let len = data.len() as u64;
             self.check_range(offset, len)?;
-            self.submit(ReqKind::Write, offset, len, LocalOp::Write(data, fua))
-                .await
-                .map(|_| ())
+            // Split to the peer's frame limit; the pieces do not overlap, so the
+            // engine runs them side by side.
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(MAX_PEER_REQUEST_BYTES);
+                let piece = data.slice(done as usize..(done + n) as usize);
+                self.submit(ReqKind::Write, offset + done, n, LocalOp::Write(piece, fua))
+                    .await?;
+                done += n;
+            }
+            Ok(())
         })
     }
 
@@ -329,23 +775,33 @@ impl BlockIo for Volume {
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_range(offset, len)?;
-            self.submit(ReqKind::Discard, offset, len, LocalOp::Discard(len))
-                .await
-                .map(|_| ())
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(u64::from(u32::MAX) & !4095);
+                self.submit(ReqKind::Discard, offset + done, n, LocalOp::Discard(n))
+                    .await?;
+                done += n;
+            }
+            Ok(())
         })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_range(offset, len)?;
-            self.submit(
-                ReqKind::Zeroes,
-                offset,
-                len,
-                LocalOp::Zeroes(len, may_unmap),
-            )
-            .await
-            .map(|_| ())
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(u64::from(u32::MAX) & !4095);
+                self.submit(
+                    ReqKind::Zeroes,
+                    offset + done,
+                    n,
+                    LocalOp::Zeroes(n, may_unmap),
+                )
+                .await?;
+                done += n;
+            }
+            Ok(())
         })
     }
 

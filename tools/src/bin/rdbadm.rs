@@ -524,6 +524,7 @@ fn statuses(ctx: &Ctx, resource: Option<&str>) -> anyhow::Result<Vec<ResourceSta
             peer: rc.peers.first().map(|p| p.name.clone()),
             peer_role: "Unknown".into(),
             peer_disk: "DUnknown".into(),
+            connection_error: None,
             protocol: rc.net.protocol.to_string(),
             size_bytes: 0,
             device: vol.device.display().to_string(),
@@ -582,6 +583,8 @@ fn render_status(list: &[ResourceStatus], verbose: bool) -> String {
             s.push_str(&format!("  {peer} connection:{}", r.connection));
             if r.connection != "StandAlone" && r.connection != "Connecting" {
                 s.push_str(&format!(" role:{}", r.peer_role));
+            } else if let Some(e) = &r.connection_error {
+                s.push_str(&format!(" ({e})"));
             }
             s.push('\n');
             if r.peer_disk != "DUnknown" {
