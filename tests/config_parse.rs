@@ -744,7 +744,63 @@ fn bounds_hold() {
     let word = "x".repeat(500_000);
     let e = err(&format!("{word};"));
     assert!(e.len() < 200, "{}", e.len());
+    // Warnings serialize for the daemon's JSON output.
+    let cfg = parse(&res("  options { cpu-mask 1; }")).unwrap();
+    let json = serde_json::to_value(cfg.warnings()).unwrap();
+    assert_eq!(json[0]["pos"]["line"], 7);
+    assert_eq!(json[0]["pos"]["file"], "t.conf");
     // skip sections are ignored entirely.
     let cfg = parse("skip resource old { anything goes here; on x { } }\nglobal { }").unwrap();
     assert!(cfg.resource_names().is_empty());
+}
+
+#[test]
+fn drbd83_style_config() {
+    let text = r#"resource clusterdb_res {
+  protocol C;
+  handlers {
+    pri-on-incon-degr "/usr/lib/drbd/notify-pri-on-incon-degr.sh; echo b > /proc/sysrq-trigger ; reboot -f";
+    fence-peer "/usr/lib/drbd/crm-fence-peer.sh";
+  }
+  startup { degr-wfc-timeout 120; outdated-wfc-timeout 2; }
+  disk { on-io-error detach; }
+  net {
+    cram-hmac-alg "sha1";
+    shared-secret "supersecret!";
+    after-sb-0pri disconnect;
+    rr-conflict disconnect;
+  }
+  syncer { rate 10M; al-extents 257; on-no-data-accessible io-error; }
+  on sql1 {
+    device /dev/drbd0;
+    disk /dev/sda4;
+    address 10.1.1.53:7788;
+    flexible-meta-disk internal;
+  }
+  on sql2 {
+    device /dev/drbd0;
+    disk /dev/sda4;
+    address 10.1.1.54:7788;
+    meta-disk internal;
+  }
+}
+"#;
+    let cfg = parse(text).unwrap();
+    let r = cfg.resolve("clusterdb_res", "sql2").unwrap();
+    assert_eq!(r.net.protocol, Protocol::C);
+    assert_eq!(r.net.cram_hmac_alg.as_deref(), Some("sha1"));
+    assert_eq!(r.disk.resync_rate_bytes_per_s, 10 << 20);
+    assert_eq!(r.disk.al_extents, 257);
+    assert_eq!(r.disk.on_io_error, OnIoError::Detach);
+    assert_eq!(r.startup.degr_wfc_timeout_s, 120);
+    assert_eq!(r.handlers.len(), 2);
+    assert_eq!(r.volumes[0].device, PathBuf::from("/dev/drbd0"));
+    let w: Vec<String> = cfg.warnings().iter().map(|w| w.message.clone()).collect();
+    assert_eq!(
+        w,
+        vec![
+            "keyword rr-conflict is accepted but has no effect in rdb",
+            "keyword on-no-data-accessible is accepted but has no effect in rdb",
+        ]
+    );
 }

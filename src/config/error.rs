@@ -21,6 +21,17 @@ impl fmt::Display for Pos {
     }
 }
 
+impl serde::Serialize for Pos {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Pos", 3)?;
+        st.serialize_field("file", &self.file.display().to_string())?;
+        st.serialize_field("line", &self.line)?;
+        st.serialize_field("col", &self.col)?;
+        st.end()
+    }
+}
+
 impl Pos {
     /// `L:C` without the file name, for "opened at L:C" style references.
     pub fn line_col(&self) -> String {
@@ -29,7 +40,7 @@ impl Pos {
 }
 
 /// A keyword DRBD knows but rdb does not implement, or another harmless oddity.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Warning {
     /// Where the keyword is.
     pub pos: Pos,

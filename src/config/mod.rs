@@ -28,7 +28,7 @@ pub use model::{
     VolumeConfig,
 };
 pub use semantic::Config;
-pub use syntax::MAX_NESTING;
+pub use syntax::{MAX_NESTING, MAX_STATEMENTS};
 pub use values::{DEFAULT_NBD_PORT, DEFAULT_PORT};
 
 /// Where rdbd and rdbadm look for the configuration by default.

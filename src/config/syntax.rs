@@ -13,6 +13,8 @@ use super::error::{clip, ConfigError, Pos};
 
 /// Deepest allowed section nesting (DRBD itself needs 4: resource > on > volume > disk).
 pub const MAX_NESTING: usize = 8;
+/// Most statements in one file (bounds the tree's memory; real files have hundreds).
+pub const MAX_STATEMENTS: usize = 65_536;
 
 /// Kinds of tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +196,7 @@ impl Lexer<'_> {
 
 struct Parser<'a> {
     lexer: Lexer<'a>,
+    statements: usize,
 }
 
 impl Parser<'_> {
@@ -248,6 +251,14 @@ impl Parser<'_> {
     }
 
     fn stmt(&mut self, kw: Token, depth: usize) -> Result<Stmt, ConfigError> {
+        self.statements += 1;
+        if self.statements > MAX_STATEMENTS {
+            return Err(ConfigError::Limit {
+                pos: kw.pos,
+                what: "number of statements in one file".to_string(),
+                limit: MAX_STATEMENTS as u64,
+            });
+        }
         let mut stmt = Stmt {
             kw: Arg {
                 text: kw.text,
@@ -305,6 +316,7 @@ pub(crate) fn parse(text: &str, file: Arc<Path>) -> Result<Vec<Stmt>, ConfigErro
             line: 1,
             col: 1,
         },
+        statements: 0,
     };
     p.stmts(0, None)
 }
@@ -411,6 +423,14 @@ mod tests {
         let text = "a {".repeat(100_000);
         let e = p(&text).unwrap_err();
         assert!(matches!(e, ConfigError::Limit { .. }), "{e}");
+    }
+
+    #[test]
+    fn statement_count_is_bounded() {
+        let text = "a;".repeat(MAX_STATEMENTS + 1);
+        let e = p(&text).unwrap_err();
+        assert!(matches!(e, ConfigError::Limit { .. }), "{e}");
+        assert_eq!(e.pos().unwrap().col as usize, 2 * MAX_STATEMENTS + 1);
     }
 
     #[test]
