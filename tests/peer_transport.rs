@@ -30,9 +30,11 @@ fn settings(name: &str, peer: &str, listen: SocketAddr, peer_addr: SocketAddr) -
         listen_addr: listen,
         peer_addr,
         auth: None,
-        ping_int_ms: 100,
-        ping_timeout_ms: 100,
-        timeout_ms: 300,
+        // Generous by default so an overloaded machine cannot trip the dead-peer
+        // detector; the keepalive tests shrink them.
+        ping_int_ms: 200,
+        ping_timeout_ms: 200,
+        timeout_ms: 2000,
         connect_int_ms: 100,
         ko_count: 4,
         sndbuf_size_bytes: 0,
@@ -400,7 +402,8 @@ async fn wait_error(status: &PeerStatus, kind: PeerErrorKind) {
 
 #[tokio::test]
 async fn garbage_and_truncated_frames_from_a_stranger_leave_the_endpoint_usable() {
-    let p = pair().await;
+    let mut p = pair().await;
+    p.b.timeout_ms = 500; // handshake timeout of the silent stranger
     let bravo_addr = p.lb.local_addr().unwrap();
     let status = PeerStatus::new();
     let b_task = {
@@ -490,7 +493,8 @@ async fn malformed_frame_after_the_handshake_loses_the_connection() {
 
 #[tokio::test]
 async fn silent_peer_is_declared_lost_within_the_timeouts() {
-    let p = pair().await;
+    let mut p = pair().await;
+    (p.b.ping_int_ms, p.b.ping_timeout_ms, p.b.timeout_ms) = (100, 100, 300);
     let bravo_addr = p.lb.local_addr().unwrap();
     let dead_after = Duration::from_millis(p.b.dead_after_ms());
     let b_task = tokio::spawn(async move { connect(&p.b, &p.lb, no_shutdown()).await });
@@ -529,7 +533,10 @@ async fn silent_peer_is_declared_lost_within_the_timeouts() {
 
 #[tokio::test]
 async fn idle_link_stays_up_and_keepalives_are_not_delivered() {
-    let p = pair().await;
+    let mut p = pair().await;
+    for s in [&mut p.a, &mut p.b] {
+        (s.ping_int_ms, s.ping_timeout_ms, s.timeout_ms) = (50, 100, 400);
+    }
     let (mut a, mut b) = connect_both(&p).await;
     let idle = Duration::from_millis(p.a.dead_after_ms() * 4);
     let (ra, rb) = tokio::join!(timeout(idle, a.recv()), timeout(idle, b.recv()));
@@ -657,4 +664,28 @@ async fn throughput_4k_data_qd32_with_write_acks() {
         FRAMES as f64 / secs,
         FRAMES as f64 * 4096.0 / secs / 1048576.0
     );
+}
+
+#[tokio::test]
+async fn send_written_completes_after_the_socket_write_and_fails_once_lost() {
+    let p = pair().await;
+    let (a, mut b) = connect_both(&p).await;
+    timeout(
+        DEADLINE,
+        a.sender.send_written(2, data(1, pattern(1, 4096))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(matches!(
+        next_frame(&mut b).await,
+        (2, Frame::Data { seq: 1, .. })
+    ));
+    b.close("bye").await;
+    let mut a = a;
+    let reason = next_lost(&mut a).await;
+    assert!(reason.contains("bye"), "{reason}");
+    assert!(a.sender.is_closed());
+    let r = a.sender.send_written(0, Frame::Flush { id: 1 }).await;
+    assert!(matches!(r, Err(PeerError::Closed)), "{r:?}");
 }

@@ -3,8 +3,9 @@
 //! The writer drains the bounded send queue in batches (up to [`BATCH_FRAMES`] frames
 //! or [`BATCH_BYTES`] bytes), encodes all headers into one buffer and writes headers
 //! and the callers' payload `Bytes` with vectored writes, so a payload is never copied.
-//! Ping/PingAck requests from the reader bypass the queue (flags + `Notify`), so
-//! keepalive cannot deadlock behind a full queue. The reader decodes frames in place
+//! The writer sends a Ping whenever it has sent nothing for `ping_int` (so the peer
+//! hears from us even while our reader waits for a slow consumer); PingAck requests
+//! from the reader bypass the queue (flag + `Notify`). The reader decodes frames in place
 //! and hands out payloads as `Bytes` slices of its read buffer. The first failure on
 //! either side sets the shared "dead" flag with its reason; both tasks then stop and
 //! the receiver gets one [`PeerEvent::Lost`].
@@ -19,7 +20,7 @@ use rdb_protocol::repl::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::handshake::take_frame;
@@ -35,6 +36,8 @@ const BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub(crate) struct Outgoing {
     pub(crate) volume: u32,
     pub(crate) frame: PeerFrame,
+    /// Fired once the frame has been handed to the kernel (protocol A completion).
+    pub(crate) written: Option<oneshot::Sender<()>>,
 }
 
 /// State shared by the two tasks and every sender.
@@ -113,8 +116,8 @@ pub(crate) fn start(
     let ping_int = Duration::from_millis(settings.ping_int_ms);
     let dead_after = Duration::from_millis(settings.dead_after_ms());
     let stall = Duration::from_millis(settings.write_stall_ms());
-    tokio::spawn(reader(rd, buf, ev_tx, shared.clone(), ping_int, dead_after));
-    let writer = tokio::spawn(writer(wr, rx, shared.clone(), stall));
+    tokio::spawn(reader(rd, buf, ev_tx, shared.clone(), dead_after));
+    let writer = tokio::spawn(writer(wr, rx, shared.clone(), ping_int, stall));
     (PeerSender { tx, shared }, ev_rx, writer)
 }
 
@@ -123,19 +126,16 @@ async fn reader(
     mut buf: BytesMut,
     events: mpsc::Sender<PeerEvent>,
     shared: Arc<Shared>,
-    ping_int: Duration,
     dead_after: Duration,
 ) {
     let mut dead = shared.dead.subscribe();
     let mut last_rx = Instant::now();
-    let mut ping_sent = false;
     let reason = 'conn: loop {
         // Deliver every complete frame already buffered.
         loop {
             match take_frame(&mut buf) {
                 Ok(Some((header, frame))) => {
                     last_rx = Instant::now();
-                    ping_sent = false;
                     match frame {
                         Frame::Ping => shared.request(&shared.send_pong),
                         Frame::PingAck => {}
@@ -153,6 +153,8 @@ async fn reader(
                                 },
                                 _ = until_dead(&mut dead) => break 'conn String::new(),
                             }
+                            // Time spent waiting for the consumer is not peer silence.
+                            last_rx = Instant::now();
                         }
                     }
                 }
@@ -163,18 +165,15 @@ async fn reader(
                 }
             }
         }
-        let ping_at = last_rx + ping_int;
         let dead_at = last_rx + dead_after;
         tokio::select! {
+            // Bytes already waiting win over an expired timer.
+            biased;
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break 'conn "connection closed by the peer".to_owned(),
                 Ok(_) => {}
                 Err(e) => break 'conn format!("read error: {e}"),
             },
-            _ = tokio::time::sleep_until(ping_at), if !ping_sent => {
-                ping_sent = true;
-                shared.request(&shared.send_ping);
-            }
             _ = tokio::time::sleep_until(dead_at) => {
                 break 'conn format!("no frame from the peer for {} ms", dead_after.as_millis());
             }
@@ -191,9 +190,11 @@ async fn writer(
     mut wr: OwnedWriteHalf,
     mut queue: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
+    ping_int: Duration,
     stall: Duration,
 ) {
     let mut dead = shared.dead.subscribe();
+    let mut last_tx = Instant::now();
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH_FRAMES);
     let mut headers: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
@@ -209,6 +210,10 @@ async fn writer(
                     return;
                 }
             },
+            // Heartbeat: nothing sent for ping_int.
+            _ = tokio::time::sleep_until(last_tx + ping_int) => {
+                shared.send_ping.store(true, Ordering::Release);
+            }
         }
         let mut bytes = batch
             .first()
@@ -229,7 +234,12 @@ async fn writer(
             shared.fail(e);
             return;
         }
-        batch.clear();
+        last_tx = Instant::now();
+        for o in batch.drain(..) {
+            if let Some(done) = o.written {
+                let _ = done.send(());
+            }
+        }
         if closing {
             let _ = wr.shutdown().await;
             shared.fail("connection closed locally".to_owned());

@@ -12,12 +12,14 @@
 //! nodes started at once always end up with exactly one connection without a round
 //! trip to agree (an accepted connection from the higher-named node is refused).
 //!
-//! Liveness: when nothing was received for `ping_int_ms` the transport sends a `Ping`
-//! (the peer answers `PingAck` from its transport); the connection is declared lost
-//! when no frame at all arrived for `max(ping_int_ms + ping_timeout_ms, timeout_ms)`,
-//! or when one write makes no progress for `max(that, timeout_ms * ko_count)`. The
-//! consumer must keep draining [`PeerConnection::receiver`]: while it is full the
-//! reader stops reading (TCP back-pressure) and stops answering pings.
+//! Liveness: when nothing was *sent* for `ping_int_ms` the writer sends a `Ping` (the
+//! peer's transport answers `PingAck`), so each side hears from the other at least
+//! every `ping_int_ms`, even while the other's reader waits for its consumer. The
+//! connection is declared lost when no frame at all arrived for
+//! `max(ping_int_ms + ping_timeout_ms, timeout_ms)` (not counting time our reader
+//! spends waiting for our consumer), or when one write makes no progress for
+//! `max(that, timeout_ms * ko_count)`. While [`PeerConnection::receiver`] is full the
+//! reader stops reading (TCP back-pressure on the peer's writer).
 
 mod auth;
 mod handshake;
@@ -79,7 +81,7 @@ pub struct PeerSettings {
     pub peer_addr: SocketAddr,
     /// Shared-secret authentication; both sides must agree on having one.
     pub auth: Option<PeerAuth>,
-    /// Idle time (nothing received) before a Ping is sent.
+    /// Idle time (nothing sent) before a Ping is sent.
     pub ping_int_ms: u64,
     /// Time a Ping may stay unanswered (part of the dead-peer timeout).
     pub ping_timeout_ms: u64,
@@ -446,9 +448,33 @@ impl PeerSender {
             return Err(PeerError::Closed);
         }
         self.tx
-            .send(link::Outgoing { volume, frame })
+            .send(link::Outgoing {
+                volume,
+                frame,
+                written: None,
+            })
             .await
             .map_err(|_| PeerError::Closed)
+    }
+
+    /// Like [`PeerSender::send_on`], but returns only once the frame has been written
+    /// into the local TCP send buffer (protocol A completion). Fails with
+    /// [`PeerError::Closed`] if the connection dies first.
+    pub async fn send_written(&self, volume: u32, frame: PeerFrame) -> Result<(), PeerError> {
+        frame.encoded_len()?;
+        if self.shared.is_dead() {
+            return Err(PeerError::Closed);
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(link::Outgoing {
+                volume,
+                frame,
+                written: Some(done_tx),
+            })
+            .await
+            .map_err(|_| PeerError::Closed)?;
+        done_rx.await.map_err(|_| PeerError::Closed)
     }
 
     /// Queue a `Data` frame whose payload is sent straight from `payload` (no copy).
