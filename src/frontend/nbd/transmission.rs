@@ -3,21 +3,23 @@
 //! Owns the request loop of one connection. The reader decodes a request header,
 //! reads a WRITE payload straight into a buffer that becomes the `Bytes` handed to
 //! the device, takes an in-flight slot (bounded by count and by payload bytes) and
-//! spawns the request; requests run concurrently. Each finished request sends its
-//! encoded reply to the single writer task, which writes replies in completion order
-//! and flushes its buffer once per batch (one syscall for many small replies).
+//! spawns the request; requests run concurrently. Replies go out in completion order
+//! through a [`ReplySink`]: the finishing request writes them itself when the socket
+//! is free, batching whatever else completed meanwhile into one flush.
 //!
 //! A bad magic or an oversize WRITE is fatal for the connection; a bad request
 //! (range, unknown command, read-only export) gets an error reply and the connection
 //! keeps serving. On DISC, EOF or shutdown, the reader stops and the connection
 //! closes after every in-flight request has been answered.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use rdb_protocol::nbd::{self as proto, BlockDescriptor, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::{wait_shutdown, ConnError, NbdLimits};
@@ -61,6 +63,83 @@ impl Reply {
     }
 }
 
+/// Permits a request holds until its reply has been written and flushed.
+struct Permits {
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The reply side of a connection. There is no writer task: the request that
+/// finishes takes the writer if it is free and writes every queued reply (its own
+/// and those that completed meanwhile), flushing once per batch; a request that
+/// finds the writer busy only queues its reply. This saves a task hop per reply
+/// at low queue depth and batches replies at high queue depth.
+struct ReplySink<W> {
+    queue: std::sync::Mutex<VecDeque<(Reply, Permits)>>,
+    writer: tokio::sync::Mutex<BufWriter<W>>,
+    failed: AtomicBool,
+    failed_notify: Notify,
+}
+
+impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
+    fn new(wr: W) -> Self {
+        ReplySink {
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            writer: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr)),
+            failed: AtomicBool::new(false),
+            failed_notify: Notify::new(),
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Reply, Permits)>> {
+        // A panic while holding this lock only happens inside VecDeque itself; the
+        // queue is still consistent, so recover from poisoning.
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a reply and writes the queue if no other request is writing.
+    async fn submit(&self, reply: Reply, permits: Permits) {
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        self.lock_queue().push_back((reply, permits));
+        loop {
+            let Ok(mut writer) = self.writer.try_lock() else {
+                // The holder re-checks the queue after releasing the writer.
+                return;
+            };
+            loop {
+                let batch = std::mem::take(&mut *self.lock_queue());
+                if batch.is_empty() {
+                    break;
+                }
+                if let Err(e) = write_batch(&mut writer, &batch).await {
+                    tracing::debug!(error = %e, "writing replies failed");
+                    self.failed.store(true, Ordering::Release);
+                    self.failed_notify.notify_one();
+                    self.lock_queue().clear();
+                    return;
+                }
+                // `batch` (with its permits) drops here, after the flush.
+            }
+            drop(writer);
+            if self.lock_queue().is_empty() || self.failed.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(
+    writer: &mut BufWriter<W>,
+    batch: &VecDeque<(Reply, Permits)>,
+) -> std::io::Result<()> {
+    for (reply, _) in batch {
+        reply.write_to(writer).await?;
+    }
+    writer.flush().await
+}
+
 /// Serves requests until DISC, EOF, a fatal error or shutdown.
 pub(crate) async fn serve<R, W>(
     session: Session,
@@ -81,8 +160,7 @@ where
     );
     let session = Arc::new(session);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    let (tx, rx) = mpsc::channel::<Reply>(limits.max_inflight_per_conn);
-    let writer = tokio::spawn(write_replies(rx, wr));
+    let sink = Arc::new(ReplySink::new(wr));
     let slots = Arc::new(Semaphore::new(limits.max_inflight_per_conn));
     let byte_budget = Arc::new(Semaphore::new(limits.max_inflight_bytes_per_conn as usize));
 
@@ -92,7 +170,7 @@ where
             biased;
             read = reader.read_exact(&mut header) => read,
             () = wait_shutdown(&mut shutdown) => break Ok(()),
-            () = tx.closed() => break Ok(()),
+            () = sink.failed_notify.notified() => break Ok(()),
         };
         match read {
             Ok(_) => {}
@@ -108,7 +186,7 @@ where
             break Ok(());
         }
 
-        // Take the slots before reading the payload: memory stays bounded.
+        // Take the permits before reading the payload: memory stays bounded.
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             unreachable!("the in-flight semaphore is never closed");
         };
@@ -116,8 +194,12 @@ where
             proto::CMD_READ | proto::CMD_WRITE => req.len_bytes.min(limits.max_request_bytes),
             _ => 0,
         };
-        let Ok(bytes_permit) = Arc::clone(&byte_budget).acquire_many_owned(cost_bytes).await else {
+        let Ok(bytes) = Arc::clone(&byte_budget).acquire_many_owned(cost_bytes).await else {
             unreachable!("the byte-budget semaphore is never closed");
+        };
+        let permits = Permits {
+            _slot: slot,
+            _bytes: bytes,
         };
         let payload = if req.command == proto::CMD_WRITE {
             match read_payload(&mut reader, req.len_bytes as usize).await {
@@ -129,22 +211,25 @@ where
         };
 
         let session = Arc::clone(&session);
-        let tx = tx.clone();
+        let sink = Arc::clone(&sink);
         let max_request_bytes = limits.max_request_bytes;
         tokio::spawn(async move {
             let reply = execute(&session, &req, payload, max_request_bytes).await;
-            // The writer is gone only when the connection is failing: drop the reply.
-            let _ = tx.send(reply).await;
-            drop(bytes_permit);
-            drop(slot);
+            sink.submit(reply, permits).await;
         });
     };
 
-    // In-flight requests hold senders: the writer ends after their replies.
-    drop(tx);
-    let written = writer.await.map_err(|e| ConnError::Writer(e.to_string()))?;
+    // Every permit comes back once its reply is written and flushed (or dropped
+    // after a write error): then nothing is in flight.
+    let all = u32::try_from(limits.max_inflight_per_conn).unwrap_or(u32::MAX);
+    let _drained = slots.acquire_many(all).await;
+    let mut writer = sink.writer.lock().await;
+    let closed = writer.shutdown().await;
     result?;
-    written.map_err(ConnError::from)
+    if sink.failed.load(Ordering::Acquire) {
+        return Err(ConnError::Writer("writing replies failed".into()));
+    }
+    closed.map_err(ConnError::from)
 }
 
 /// Reads a WRITE payload into a buffer of exactly `len` bytes (no zero-fill, no copy).
@@ -159,19 +244,6 @@ async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::
     }
     debug_assert_eq!(buf.len(), len);
     Ok(buf)
-}
-
-/// Writes replies in completion order, flushing once per batch.
-async fn write_replies<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Reply>, wr: W) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
-    while let Some(reply) = rx.recv().await {
-        reply.write_to(&mut out).await?;
-        while let Ok(reply) = rx.try_recv() {
-            reply.write_to(&mut out).await?;
-        }
-        out.flush().await?;
-    }
-    out.shutdown().await
 }
 
 /// A request that failed: NBD error and message.
