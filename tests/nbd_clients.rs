@@ -1,12 +1,16 @@
 //! rdb's NBD server against real clients: nbdinfo, nbdcopy, nbdsh (python libnbd),
 //! qemu-img, qemu-io and fio, each run as a child process with a deadline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure
+
 mod nbd_common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbd_common::{random_file, run, run_env, run_ok, run_python, sparse_file, FileDev, MapResolver, TestServer};
+use nbd_common::{
+    random_file, run, run_env, run_ok, run_python, sparse_file, FileDev, MapResolver, TestServer,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const MIB: usize = 1024 * 1024;
@@ -24,14 +28,21 @@ async fn nbdinfo_size_flags_list_and_map() {
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
-        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xaa; MIB], 4 * MIB as u64))
+        .and_then(|f| {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xaa; MIB], 4 * MIB as u64)
+        })
         .unwrap();
     let ro_path = dir.path().join("ro.img");
     sparse_file(&ro_path, MIB as u64);
     let server = TestServer::start(
         MapResolver::default()
             .with_export("disk0", "first test disk", FileDev::open(&path), false)
-            .with_export("ro0", "read-only disk", FileDev::open_with(&ro_path, false), true),
+            .with_export(
+                "ro0",
+                "read-only disk",
+                FileDev::open_with(&ro_path, false),
+                true,
+            ),
     );
 
     let info = json(&run_ok("nbdinfo", &["--json", &server.uri("disk0")], DEADLINE).await);
@@ -41,7 +52,15 @@ async fn nbdinfo_size_flags_list_and_map() {
     assert_eq!(e["export-size"], 16 * MIB as u64);
     assert_eq!(e["export-name"], "disk0");
     assert_eq!(e["description"], "first test disk");
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_cache", "can_multi_conn", "can_df"] {
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_cache",
+        "can_multi_conn",
+        "can_df",
+    ] {
         assert_eq!(e[flag], true, "{flag} in {e}");
     }
     assert_eq!(e["is_read_only"], false);
@@ -56,11 +75,17 @@ async fn nbdinfo_size_flags_list_and_map() {
     assert_eq!(e["can_multi_conn"], false);
 
     let list = run_ok("nbdinfo", &["--list", &server.uri("")], DEADLINE).await;
-    assert!(list.contains("export=\"disk0\"") && list.contains("export=\"ro0\""), "{list}");
+    assert!(
+        list.contains("export=\"disk0\"") && list.contains("export=\"ro0\""),
+        "{list}"
+    );
     assert!(list.contains("first test disk"), "{list}");
 
     let map = run_ok("nbdinfo", &["--map", &server.uri("disk0")], DEADLINE).await;
-    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     let expect = [
         ["0", "4194304", "3"],
         ["4194304", "1048576", "0"],
@@ -80,25 +105,53 @@ async fn qemu_img_convert_to_and_from() {
     sparse_file(&dev_path, 64 * MIB as u64);
     let src = dir.path().join("src.raw");
     let data = random_file(&src, 64 * MIB);
-    let server = TestServer::start(MapResolver::default().with_export("vol", "", FileDev::open(&dev_path), false));
+    let server = TestServer::start(MapResolver::default().with_export(
+        "vol",
+        "",
+        FileDev::open(&dev_path),
+        false,
+    ));
     let uri = server.uri("vol");
 
     run_ok(
         "qemu-img",
-        &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &uri],
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &uri,
+        ],
         DEADLINE,
     )
     .await;
-    assert!(std::fs::read(&dev_path).unwrap() == data, "device differs from the source after qemu-img convert");
+    assert!(
+        std::fs::read(&dev_path).unwrap() == data,
+        "device differs from the source after qemu-img convert"
+    );
 
     let back = dir.path().join("back.raw");
     run_ok(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &uri, back.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            back.to_str().unwrap(),
+        ],
         DEADLINE,
     )
     .await;
-    assert!(std::fs::read(&back).unwrap() == data, "image read back through NBD differs");
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "image read back through NBD differs"
+    );
     server.stop().await;
 }
 
@@ -107,20 +160,30 @@ async fn qemu_io_pattern_write_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.img");
     sparse_file(&path, 8 * MIB as u64);
-    let server = TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
+    let server =
+        TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
     let uri = server.uri("");
     let out = run_ok(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0xab 4096 65536",
-            "-c", "write -P 0xcd -f 1048576 4096", // FUA
-            "-c", "write -z 8192 4096",           // write zeroes
-            "-c", "discard 2097152 65536",        // trim
-            "-c", "flush",
-            "-c", "read -P 0xab 12288 57344",
-            "-c", "read -P 0 8192 4096",
-            "-c", "read -P 0xcd 1048576 4096",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 4096 65536",
+            "-c",
+            "write -P 0xcd -f 1048576 4096", // FUA
+            "-c",
+            "write -z 8192 4096", // write zeroes
+            "-c",
+            "discard 2097152 65536", // trim
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0xab 12288 57344",
+            "-c",
+            "read -P 0 8192 4096",
+            "-c",
+            "read -P 0xcd 1048576 4096",
             &uri,
         ],
         DEADLINE,
@@ -142,7 +205,8 @@ async fn fio_randwrite_verify_qd32_two_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.img");
     sparse_file(&path, 32 * MIB as u64);
-    let server = TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
+    let server =
+        TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
     let uri = format!("--uri={}", server.uri(""));
     let out = run_ok(
         "fio",
@@ -213,7 +277,8 @@ async fn nbdsh_errors_then_still_serving() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.img");
     sparse_file(&path, MIB as u64);
-    let server = TestServer::start(MapResolver::default().with_export("d", "", FileDev::open(&path), false));
+    let server =
+        TestServer::start(MapResolver::default().with_export("d", "", FileDev::open(&path), false));
     let out = run_python(ERRORS_SCRIPT, &[&server.uri("d")], DEADLINE).await;
     assert_eq!(out.trim(), "ok");
     server.stop().await;
@@ -239,7 +304,8 @@ async fn read_only_export_rejects_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.img");
     sparse_file(&path, MIB as u64);
-    let server = TestServer::start(MapResolver::default().with_export("ro", "", FileDev::open(&path), true));
+    let server =
+        TestServer::start(MapResolver::default().with_export("ro", "", FileDev::open(&path), true));
     let out = run_python(READ_ONLY_SCRIPT, &[&server.uri("ro")], DEADLINE).await;
     assert_eq!(out.trim(), "ok");
     server.stop().await;
@@ -256,15 +322,33 @@ async fn unknown_and_refused_exports() {
             .with_refused("r0", "resource r0 is Secondary"),
     );
     let out = run("nbdinfo", &[&server.uri("nope")], DEADLINE).await;
-    assert!(!out.status.success(), "nbdinfo on an unknown export succeeded");
+    assert!(
+        !out.status.success(),
+        "nbdinfo on an unknown export succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("No such file or directory for export: nope"), "{err}");
+    assert!(
+        err.contains("No such file or directory for export: nope"),
+        "{err}"
+    );
 
     // libnbd prints the server's error message only in its debug output.
-    let out = run_env("nbdinfo", &[&server.uri("r0")], &[("LIBNBD_DEBUG", "1")], DEADLINE).await;
-    assert!(!out.status.success(), "nbdinfo on a refused export succeeded");
+    let out = run_env(
+        "nbdinfo",
+        &[&server.uri("r0")],
+        &[("LIBNBD_DEBUG", "1")],
+        DEADLINE,
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "nbdinfo on a refused export succeeded"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("server error message: resource r0 is Secondary"), "{err}");
+    assert!(
+        err.contains("server error message: resource r0 is Secondary"),
+        "{err}"
+    );
 
     // The server keeps serving the good export.
     run_ok("nbdinfo", &[&server.uri("d")], DEADLINE).await;
@@ -291,7 +375,12 @@ async fn export_name_fallback() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.img");
     sparse_file(&path, MIB as u64);
-    let server = TestServer::start(MapResolver::default().with_export("old", "", FileDev::open(&path), false));
+    let server = TestServer::start(MapResolver::default().with_export(
+        "old",
+        "",
+        FileDev::open(&path),
+        false,
+    ));
     let out = run_python(EXPORT_NAME_SCRIPT, &[&server.uri("old")], DEADLINE).await;
     assert_eq!(out.trim(), "ok");
     let disk = std::fs::read(&path).unwrap();
@@ -306,18 +395,40 @@ async fn nbdcopy_multi_connection() {
     sparse_file(&dev_path, 32 * MIB as u64);
     let src = dir.path().join("src.raw");
     let data = random_file(&src, 32 * MIB);
-    let server = TestServer::start(MapResolver::default().with_export("m", "", FileDev::open(&dev_path), false));
+    let server = TestServer::start(MapResolver::default().with_export(
+        "m",
+        "",
+        FileDev::open(&dev_path),
+        false,
+    ));
     let uri = server.uri("m");
     run_ok(
         "nbdcopy",
-        &["--connections=4", "--requests=16", "--flush", src.to_str().unwrap(), &uri],
+        &[
+            "--connections=4",
+            "--requests=16",
+            "--flush",
+            src.to_str().unwrap(),
+            &uri,
+        ],
         DEADLINE,
     )
     .await;
-    assert!(std::fs::read(&dev_path).unwrap() == data, "device differs after nbdcopy");
+    assert!(
+        std::fs::read(&dev_path).unwrap() == data,
+        "device differs after nbdcopy"
+    );
     let back = dir.path().join("back.raw");
-    run_ok("nbdcopy", &["--connections=4", &uri, back.to_str().unwrap()], DEADLINE).await;
-    assert!(std::fs::read(&back).unwrap() == data, "copy back through NBD differs");
+    run_ok(
+        "nbdcopy",
+        &["--connections=4", &uri, back.to_str().unwrap()],
+        DEADLINE,
+    )
+    .await;
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "copy back through NBD differs"
+    );
     server.stop().await;
 }
 
@@ -341,8 +452,24 @@ async fn tcp_listener() {
     let info = json(&run_ok("nbdinfo", &["--json", &uri], DEADLINE).await);
     assert_eq!(info["exports"][0]["export-size"], 4 * MIB as u64);
     let back = dir.path().join("back.raw");
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, back.to_str().unwrap()], DEADLINE).await;
-    assert!(std::fs::read(&back).unwrap() == data, "image read over TCP differs");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            back.to_str().unwrap(),
+        ],
+        DEADLINE,
+    )
+    .await;
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "image read over TCP differs"
+    );
 
     tx.send_replace(true);
     tokio::time::timeout(Duration::from_secs(10), task)

@@ -5,6 +5,8 @@
 //! Run: `cargo test --release --test nbd_perf -- --ignored --nocapture`
 //! (`NBD_PERF_ROUNDS`, default 3, and `NBD_PERF_SECONDS`, default 5, tune it).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure
+
 mod nbd_common;
 
 use std::time::Duration;
@@ -58,7 +60,11 @@ async fn fio(uri: &str, w: &Workload, seconds: u64) -> f64 {
     let start = out.find('{').expect("no JSON in fio output");
     let v: serde_json::Value = serde_json::from_str(&out[start..]).unwrap();
     let job = &v["jobs"][0];
-    let side = if w.args[0].contains("read") { &job["read"] } else { &job["write"] };
+    let side = if w.args[0].contains("read") {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
     if w.bandwidth {
         side["bw"].as_f64().unwrap() / 1024.0
     } else {
@@ -74,18 +80,31 @@ fn median(v: &mut [f64]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "performance comparison; run explicitly with --release --ignored --nocapture"]
 async fn compare_with_nbdkit() {
-    let rounds: usize = std::env::var("NBD_PERF_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let seconds: u64 = std::env::var("NBD_PERF_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("NBD_PERF_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seconds: u64 = std::env::var("NBD_PERF_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let path = dir.path().join("perf.img");
     run_ok(
         "dd",
-        &["if=/dev/zero", &format!("of={}", path.display()), "bs=1M", "count=1024", "status=none"],
+        &[
+            "if=/dev/zero",
+            &format!("of={}", path.display()),
+            "bs=1M",
+            "count=1024",
+            "status=none",
+        ],
         Duration::from_secs(120),
     )
     .await;
 
-    let server = TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
+    let server =
+        TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
     let ours = server.uri("");
     let kit_sock = dir.path().join("nbdkit.sock");
     let kit_pid = dir.path().join("nbdkit.pid");
@@ -108,11 +127,18 @@ async fn compare_with_nbdkit() {
     for round in 0..rounds {
         for (i, w) in WORKLOADS.iter().enumerate() {
             // Alternate which server goes first.
-            let (a, b) = if round % 2 == 0 { (&ours, &kit) } else { (&kit, &ours) };
+            let (a, b) = if round % 2 == 0 {
+                (&ours, &kit)
+            } else {
+                (&kit, &ours)
+            };
             let ra = fio(a, w, seconds).await;
             let rb = fio(b, w, seconds).await;
             let (r_ours, r_kit) = if round % 2 == 0 { (ra, rb) } else { (rb, ra) };
-            println!("round {round} {:<18} rdb {r_ours:>10.0}  nbdkit {r_kit:>10.0}", w.name);
+            println!(
+                "round {round} {:<18} rdb {r_ours:>10.0}  nbdkit {r_kit:>10.0}",
+                w.name
+            );
             results[i].0.push(r_ours);
             results[i].1.push(r_kit);
         }

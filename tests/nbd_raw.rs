@@ -2,6 +2,8 @@
 //! metadata contexts, EXPORT_NAME padding, fatal vs non-fatal request errors,
 //! connection limit, and shutdown draining in-flight requests.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure
+
 mod nbd_common;
 
 use std::sync::Arc;
@@ -53,7 +55,8 @@ async fn send_option(s: &mut UnixStream, option: u32, payload: &[u8]) {
 }
 
 async fn read_option_reply(s: &mut UnixStream) -> (proto::OptionReplyHeader, Vec<u8>) {
-    let h = proto::decode_option_reply_header(&read_n(s, proto::OPTION_REPLY_HEADER_LEN).await).unwrap();
+    let h = proto::decode_option_reply_header(&read_n(s, proto::OPTION_REPLY_HEADER_LEN).await)
+        .unwrap();
     let payload = read_n(s, h.len_bytes as usize).await;
     (h, payload)
 }
@@ -96,12 +99,22 @@ async fn go(s: &mut UnixStream, name: &str) -> (u64, u16) {
             }
             proto::REP_INFO => {}
             proto::REP_ACK => return export.expect("GO acknowledged without INFO_EXPORT"),
-            other => panic!("unexpected reply {other:#x} to GO: {:?}", String::from_utf8_lossy(&p)),
+            other => panic!(
+                "unexpected reply {other:#x} to GO: {:?}",
+                String::from_utf8_lossy(&p)
+            ),
         }
     }
 }
 
-async fn request(s: &mut UnixStream, command: u16, flags: u16, cookie: u64, offset_bytes: u64, len_bytes: u32) {
+async fn request(
+    s: &mut UnixStream,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset_bytes: u64,
+    len_bytes: u32,
+) {
     let req = Request {
         flags,
         command,
@@ -142,20 +155,38 @@ fn test_server(limits: NbdLimits) -> (TestServer, std::path::PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn option_phase_errors_and_meta_contexts() {
     let (server, _path) = test_server(NbdLimits::default());
-    let mut s = connect(&server, proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).await;
+    let mut s = connect(
+        &server,
+        proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES,
+    )
+    .await;
 
     send_option(&mut s, 42, b"junk").await;
     let (h, _) = read_option_reply(&mut s).await;
     assert_eq!((h.option, h.reply_type), (42, proto::REP_ERR_UNSUP));
 
     send_option(&mut s, proto::OPT_STARTTLS, &[]).await;
-    assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ERR_UNSUP);
+    assert_eq!(
+        read_option_reply(&mut s).await.0.reply_type,
+        proto::REP_ERR_UNSUP
+    );
 
     send_option(&mut s, proto::OPT_LIST, b"x").await;
-    assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ERR_INVALID);
+    assert_eq!(
+        read_option_reply(&mut s).await.0.reply_type,
+        proto::REP_ERR_INVALID
+    );
 
-    send_option(&mut s, proto::OPT_LIST_META_CONTEXT, &meta_payload("d", &[])).await;
-    assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ERR_INVALID);
+    send_option(
+        &mut s,
+        proto::OPT_LIST_META_CONTEXT,
+        &meta_payload("d", &[]),
+    )
+    .await;
+    assert_eq!(
+        read_option_reply(&mut s).await.0.reply_type,
+        proto::REP_ERR_INVALID
+    );
 
     send_option(&mut s, proto::OPT_GO, &go_payload("r0", vec![])).await;
     let (h, p) = read_option_reply(&mut s).await;
@@ -163,11 +194,17 @@ async fn option_phase_errors_and_meta_contexts() {
     assert_eq!(p, b"resource r0 is Secondary");
 
     send_option(&mut s, proto::OPT_INFO, &go_payload("nope", vec![])).await;
-    assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ERR_UNKNOWN);
+    assert_eq!(
+        read_option_reply(&mut s).await.0.reply_type,
+        proto::REP_ERR_UNKNOWN
+    );
 
     // Truncated GO payload.
     send_option(&mut s, proto::OPT_GO, &[0, 0, 0, 9, b'd']).await;
-    assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ERR_INVALID);
+    assert_eq!(
+        read_option_reply(&mut s).await.0.reply_type,
+        proto::REP_ERR_INVALID
+    );
 
     send_option(&mut s, proto::OPT_LIST, &[]).await;
     let (h, p) = read_option_reply(&mut s).await;
@@ -178,17 +215,32 @@ async fn option_phase_errors_and_meta_contexts() {
     send_option(&mut s, proto::OPT_STRUCTURED_REPLY, &[]).await;
     assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ACK);
 
-    send_option(&mut s, proto::OPT_LIST_META_CONTEXT, &meta_payload("d", &[])).await;
+    send_option(
+        &mut s,
+        proto::OPT_LIST_META_CONTEXT,
+        &meta_payload("d", &[]),
+    )
+    .await;
     let (h, p) = read_option_reply(&mut s).await;
     assert_eq!(h.reply_type, proto::REP_META_CONTEXT);
     assert_eq!(&p[4..], b"base:allocation");
     assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ACK);
 
     // An unknown context selects nothing.
-    send_option(&mut s, proto::OPT_SET_META_CONTEXT, &meta_payload("d", &["qemu:dirty-bitmap:x"])).await;
+    send_option(
+        &mut s,
+        proto::OPT_SET_META_CONTEXT,
+        &meta_payload("d", &["qemu:dirty-bitmap:x"]),
+    )
+    .await;
     assert_eq!(read_option_reply(&mut s).await.0.reply_type, proto::REP_ACK);
 
-    send_option(&mut s, proto::OPT_SET_META_CONTEXT, &meta_payload("d", &["base:allocation"])).await;
+    send_option(
+        &mut s,
+        proto::OPT_SET_META_CONTEXT,
+        &meta_payload("d", &["base:allocation"]),
+    )
+    .await;
     let (h, p) = read_option_reply(&mut s).await;
     assert_eq!(h.reply_type, proto::REP_META_CONTEXT);
     let context_id = u32::from_be_bytes(p[..4].try_into().unwrap());
@@ -197,7 +249,14 @@ async fn option_phase_errors_and_meta_contexts() {
     send_option(
         &mut s,
         proto::OPT_GO,
-        &go_payload("d", vec![proto::INFO_NAME, proto::INFO_DESCRIPTION, proto::INFO_BLOCK_SIZE]),
+        &go_payload(
+            "d",
+            vec![
+                proto::INFO_NAME,
+                proto::INFO_DESCRIPTION,
+                proto::INFO_BLOCK_SIZE,
+            ],
+        ),
     )
     .await;
     let mut infos = Vec::new();
@@ -229,16 +288,31 @@ async fn option_phase_errors_and_meta_contexts() {
     .to_vec();
     write.extend_from_slice(&[0x77; 4096]);
     s.write_all(&write).await.unwrap();
-    assert_eq!(read_simple(&mut s).await, proto::SimpleReply { error: 0, cookie: 1 });
+    assert_eq!(
+        read_simple(&mut s).await,
+        proto::SimpleReply {
+            error: 0,
+            cookie: 1
+        }
+    );
 
     request(&mut s, proto::CMD_READ, 0, 2, 8192, 4096).await;
     let (h, p) = read_chunk(&mut s).await;
-    assert_eq!((h.cookie, h.flags, h.reply_type), (2, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA));
+    assert_eq!(
+        (h.cookie, h.flags, h.reply_type),
+        (2, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA)
+    );
     assert_eq!(&p[..8], &8192u64.to_be_bytes());
     assert!(p[8..].iter().all(|&b| b == 0x77));
 
     request(&mut s, 99, 0, 3, 0, 0).await;
-    assert_eq!(read_simple(&mut s).await, proto::SimpleReply { error: proto::NBD_EINVAL, cookie: 3 });
+    assert_eq!(
+        read_simple(&mut s).await,
+        proto::SimpleReply {
+            error: proto::NBD_EINVAL,
+            cookie: 3
+        }
+    );
 
     request(&mut s, proto::CMD_READ, 0, 4, SIZE_BYTES, 1).await;
     let (h, p) = read_chunk(&mut s).await;
@@ -251,15 +325,29 @@ async fn option_phase_errors_and_meta_contexts() {
     assert_eq!(&p[..4], &context_id.to_be_bytes());
     let descriptors: Vec<(u32, u32)> = p[4..]
         .chunks(8)
-        .map(|c| (u32::from_be_bytes(c[..4].try_into().unwrap()), u32::from_be_bytes(c[4..].try_into().unwrap())))
+        .map(|c| {
+            (
+                u32::from_be_bytes(c[..4].try_into().unwrap()),
+                u32::from_be_bytes(c[4..].try_into().unwrap()),
+            )
+        })
         .collect();
-    assert_eq!(descriptors.iter().map(|d| u64::from(d.0)).sum::<u64>(), SIZE_BYTES);
+    assert_eq!(
+        descriptors.iter().map(|d| u64::from(d.0)).sum::<u64>(),
+        SIZE_BYTES
+    );
     assert!(descriptors.contains(&(4096, 0)), "{descriptors:?}");
 
     // DISC right behind a write: the write is still answered, then the server closes.
     s.write_all(&write).await.unwrap();
     request(&mut s, proto::CMD_DISC, 0, 6, 0, 0).await;
-    assert_eq!(read_simple(&mut s).await, proto::SimpleReply { error: 0, cookie: 1 });
+    assert_eq!(
+        read_simple(&mut s).await,
+        proto::SimpleReply {
+            error: 0,
+            cookie: 1
+        }
+    );
     expect_eof(&mut s).await;
     server.stop().await;
 }
@@ -268,14 +356,28 @@ async fn option_phase_errors_and_meta_contexts() {
 async fn export_name_with_and_without_zeroes() {
     let (server, _path) = test_server(NbdLimits::default());
     for no_zeroes in [false, true] {
-        let flags = proto::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_C_NO_ZEROES } else { 0 };
+        let flags = proto::FLAG_C_FIXED_NEWSTYLE
+            | if no_zeroes {
+                proto::FLAG_C_NO_ZEROES
+            } else {
+                0
+            };
         let mut s = connect(&server, flags).await;
         send_option(&mut s, proto::OPT_EXPORT_NAME, b"d").await;
         let reply = read_n(&mut s, if no_zeroes { 10 } else { 134 }).await;
-        assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), SIZE_BYTES);
+        assert_eq!(
+            u64::from_be_bytes(reply[..8].try_into().unwrap()),
+            SIZE_BYTES
+        );
         assert!(reply[10..].iter().all(|&b| b == 0));
         request(&mut s, proto::CMD_READ, 0, 7, 0, 512).await;
-        assert_eq!(read_simple(&mut s).await, proto::SimpleReply { error: 0, cookie: 7 });
+        assert_eq!(
+            read_simple(&mut s).await,
+            proto::SimpleReply {
+                error: 0,
+                cookie: 7
+            }
+        );
         assert_eq!(read_n(&mut s, 512).await, vec![0u8; 512]);
     }
     // An unknown EXPORT_NAME has no error reply: the server closes.
@@ -333,7 +435,13 @@ async fn fatal_errors_close_only_that_connection() {
     request(&mut s, proto::CMD_BLOCK_STATUS, 0, 3, 0, 4096).await;
     assert_eq!(read_simple(&mut s).await.error, proto::NBD_EINVAL);
     request(&mut s, proto::CMD_READ, 0, 4, 0, 512).await;
-    assert_eq!(read_simple(&mut s).await, proto::SimpleReply { error: 0, cookie: 4 });
+    assert_eq!(
+        read_simple(&mut s).await,
+        proto::SimpleReply {
+            error: 0,
+            cookie: 4
+        }
+    );
     read_n(&mut s, 512).await;
     server.stop().await;
 }
@@ -355,7 +463,10 @@ async fn connection_limit() {
     // The slot frees once the first connection is gone.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while server.server.connection_count() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "connection slot not released");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connection slot not released"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut third = connect(&server, proto::FLAG_C_FIXED_NEWSTYLE).await;
@@ -403,7 +514,11 @@ async fn shutdown_drains_in_flight_requests() {
         delay: Duration::from_millis(300),
     });
     let server = TestServer::start(MapResolver::default().with_export("", "", dev, false));
-    let mut s = connect(&server, proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).await;
+    let mut s = connect(
+        &server,
+        proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES,
+    )
+    .await;
     go(&mut s, "").await;
     let mut write = Request {
         flags: 0,
@@ -418,8 +533,16 @@ async fn shutdown_drains_in_flight_requests() {
     s.write_all(&write).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let stop = tokio::spawn(server.stop());
-    assert_eq!(read_simple(&mut s).await, proto::SimpleReply { error: 0, cookie: 9 });
+    assert_eq!(
+        read_simple(&mut s).await,
+        proto::SimpleReply {
+            error: 0,
+            cookie: 9
+        }
+    );
     expect_eof(&mut s).await;
     tokio::time::timeout(DEADLINE, stop).await.unwrap().unwrap();
-    assert!(std::fs::read(&path).unwrap()[..4096].iter().all(|&b| b == 0x33));
+    assert!(std::fs::read(&path).unwrap()[..4096]
+        .iter()
+        .all(|&b| b == 0x33));
 }

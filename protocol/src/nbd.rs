@@ -285,8 +285,14 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).ok_or(DecodeError::Malformed(what))?;
-        let bytes = self.buf.get(self.pos..end).ok_or(DecodeError::Malformed(what))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError::Malformed(what))?;
+        let bytes = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(DecodeError::Malformed(what))?;
         self.pos = end;
         Ok(bytes)
     }
@@ -554,12 +560,12 @@ pub fn decode_option(option: u32, payload: &[u8]) -> Result<ClientOption, Decode
         OPT_INFO => Ok(ClientOption::Info(decode_info_request(payload)?)),
         OPT_GO => Ok(ClientOption::Go(decode_info_request(payload)?)),
         OPT_STRUCTURED_REPLY => expect_empty(payload, ClientOption::StructuredReply),
-        OPT_LIST_META_CONTEXT => Ok(ClientOption::ListMetaContext(
-            decode_meta_context_request(payload)?,
-        )),
-        OPT_SET_META_CONTEXT => Ok(ClientOption::SetMetaContext(
-            decode_meta_context_request(payload)?,
-        )),
+        OPT_LIST_META_CONTEXT => Ok(ClientOption::ListMetaContext(decode_meta_context_request(
+            payload,
+        )?)),
+        OPT_SET_META_CONTEXT => Ok(ClientOption::SetMetaContext(decode_meta_context_request(
+            payload,
+        )?)),
         other => Ok(ClientOption::Unknown(other)),
     }
 }
@@ -980,13 +986,13 @@ pub fn encode_error_offset_chunk(
 /// Maps a Linux errno value to the nearest NBD wire error (`EIO` when no better).
 pub fn errno_to_nbd(errno: i32) -> u32 {
     match errno {
-        1 | 13 | 30 => NBD_EPERM,  // EPERM, EACCES, EROFS
-        12 => NBD_ENOMEM,          // ENOMEM
-        22 => NBD_EINVAL,          // EINVAL
+        1 | 13 | 30 => NBD_EPERM,    // EPERM, EACCES, EROFS
+        12 => NBD_ENOMEM,            // ENOMEM
+        22 => NBD_EINVAL,            // EINVAL
         27 | 28 | 122 => NBD_ENOSPC, // EFBIG, ENOSPC, EDQUOT
-        75 => NBD_EOVERFLOW,       // EOVERFLOW
-        95 | 38 => NBD_ENOTSUP,    // EOPNOTSUPP, ENOSYS
-        108 => NBD_ESHUTDOWN,      // ESHUTDOWN
+        75 => NBD_EOVERFLOW,         // EOVERFLOW
+        95 | 38 => NBD_ENOTSUP,      // EOPNOTSUPP, ENOSYS
+        108 => NBD_ESHUTDOWN,        // ESHUTDOWN
         _ => NBD_EIO,
     }
 }
@@ -1049,8 +1055,14 @@ mod tests {
         };
         let mut payload = Vec::new();
         encode_info_request(&mut payload, &req);
-        assert_eq!(decode_option(OPT_GO, &payload), Ok(ClientOption::Go(req.clone())));
-        assert_eq!(decode_option(OPT_INFO, &payload), Ok(ClientOption::Info(req)));
+        assert_eq!(
+            decode_option(OPT_GO, &payload),
+            Ok(ClientOption::Go(req.clone()))
+        );
+        assert_eq!(
+            decode_option(OPT_INFO, &payload),
+            Ok(ClientOption::Info(req))
+        );
         // Truncations and extensions are all malformed, never a panic.
         for cut in 0..payload.len() {
             assert!(decode_option(OPT_GO, &payload[..cut]).is_err());
@@ -1262,5 +1274,42 @@ mod tests {
         let h = decode_option_reply_header(&out).unwrap();
         assert!(h.len_bytes as usize <= MAX_STRING_LEN);
         assert!(std::str::from_utf8(&out[20..]).is_ok());
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // Deterministic xorshift: the same property the fuzz targets check.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && len >= 4 {
+                buf[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            }
+            if let Ok(req) = decode_request(&buf, DEFAULT_MAX_REQUEST_BYTES) {
+                assert_eq!(&req.encode()[..], &buf[..REQUEST_LEN]);
+            }
+            for option in [
+                OPT_GO,
+                OPT_INFO,
+                OPT_SET_META_CONTEXT,
+                OPT_LIST_META_CONTEXT,
+                OPT_EXPORT_NAME,
+            ] {
+                let _ = decode_option(option, &buf);
+            }
+            let _ = decode_option_header(&buf, DEFAULT_MAX_OPTION_BYTES);
+            let _ = decode_chunk_header(&buf);
+            let _ = decode_simple_reply(&buf);
+            let _ = decode_option_reply_header(&buf);
+            let _ = decode_greeting(&buf);
+            let _ = decode_client_flags(&buf);
+        }
     }
 }

@@ -128,9 +128,18 @@ pub(crate) struct ConnContext {
 impl NbdServer {
     /// Creates a server; nothing is served until `serve_unix` / `serve_tcp`.
     pub fn new(resolver: Arc<dyn ExportResolver>, limits: NbdLimits) -> Self {
-        assert!(limits.max_connections > 0, "max_connections must be positive");
-        assert!(limits.max_inflight_per_conn > 0, "max_inflight_per_conn must be positive");
-        assert!(limits.max_request_bytes > 0, "max_request_bytes must be positive");
+        assert!(
+            limits.max_connections > 0,
+            "max_connections must be positive"
+        );
+        assert!(
+            limits.max_inflight_per_conn > 0,
+            "max_inflight_per_conn must be positive"
+        );
+        assert!(
+            limits.max_request_bytes > 0,
+            "max_request_bytes must be positive"
+        );
         assert!(
             limits.max_inflight_bytes_per_conn >= limits.max_request_bytes,
             "max_inflight_bytes_per_conn must hold one maximal request"
@@ -177,7 +186,11 @@ impl NbdServer {
         self.serve(accept, shutdown).await
     }
 
-    async fn serve<A, F, R, W>(&self, mut accept: A, mut shutdown: watch::Receiver<bool>) -> io::Result<()>
+    async fn serve<A, F, R, W>(
+        &self,
+        mut accept: A,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()>
     where
         A: FnMut() -> F,
         F: Future<Output = io::Result<(R, W, String)>>,

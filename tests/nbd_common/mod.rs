@@ -203,7 +203,13 @@ pub struct MapResolver {
 }
 
 impl MapResolver {
-    pub fn with_export(mut self, name: &str, description: &str, device: Arc<dyn BlockIo>, read_only: bool) -> Self {
+    pub fn with_export(
+        mut self,
+        name: &str,
+        description: &str,
+        device: Arc<dyn BlockIo>,
+        read_only: bool,
+    ) -> Self {
         self.exports.insert(
             name.to_string(),
             ExportInfo {
@@ -307,7 +313,12 @@ pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Output {
 }
 
 /// Like [`run`], with extra environment variables.
-pub async fn run_env(program: &str, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+pub async fn run_env(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Output {
     let child = tokio::process::Command::new(program)
         .args(args)
         .envs(env.iter().copied())
@@ -325,7 +336,10 @@ pub async fn run_env(program: &str, args: &[&str], env: &[(&str, &str)], timeout
     };
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(output) => output.unwrap(),
-        Err(_) => panic!("`{program} {}` did not finish within {timeout:?}", args.join(" ")),
+        Err(_) => panic!(
+            "`{program} {}` did not finish within {timeout:?}",
+            args.join(" ")
+        ),
     }
 }
 

@@ -147,7 +147,12 @@ fn handle_option(
         ClientOption::ExportName(name) => match ctx.resolver.lookup(&name) {
             ExportLookup::Found(export) => {
                 let tflags = transmission_flags(&export, state.structured);
-                proto::encode_export_name_reply(out, export.device.size_bytes(), tflags, state.no_zeroes);
+                proto::encode_export_name_reply(
+                    out,
+                    export.device.size_bytes(),
+                    tflags,
+                    state.no_zeroes,
+                );
                 let base_allocation = state.meta_export.as_deref() == Some(name.as_str());
                 Step::Transmit(Session {
                     export,
@@ -180,7 +185,12 @@ fn handle_option(
             Step::Continue
         }
         ClientOption::StartTls => {
-            proto::encode_rep_error(out, option, proto::REP_ERR_UNSUP, "TLS is not supported by this server");
+            proto::encode_rep_error(
+                out,
+                option,
+                proto::REP_ERR_UNSUP,
+                "TLS is not supported by this server",
+            );
             Step::Continue
         }
         ClientOption::Info(req) => {
@@ -212,7 +222,12 @@ fn handle_option(
             Step::Continue
         }
         ClientOption::Unknown(code) => {
-            proto::encode_rep_error(out, option, proto::REP_ERR_UNSUP, &format!("option {code} is not supported"));
+            proto::encode_rep_error(
+                out,
+                option,
+                proto::REP_ERR_UNSUP,
+                &format!("option {code} is not supported"),
+            );
             Step::Continue
         }
     }
@@ -232,7 +247,12 @@ fn lookup_or_error(
             None
         }
         ExportLookup::Unknown => {
-            proto::encode_rep_error(out, option, proto::REP_ERR_UNKNOWN, &format!("unknown export {name:?}"));
+            proto::encode_rep_error(
+                out,
+                option,
+                proto::REP_ERR_UNKNOWN,
+                &format!("unknown export {name:?}"),
+            );
             None
         }
     }

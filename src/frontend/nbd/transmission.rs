@@ -94,7 +94,9 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Reply, Permits)>> {
         // A panic while holding this lock only happens inside VecDeque itself; the
         // queue is still consistent, so recover from poisoning.
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a reply and writes the queue if no other request is writing.
@@ -194,7 +196,10 @@ where
             proto::CMD_READ | proto::CMD_WRITE => req.len_bytes.min(limits.max_request_bytes),
             _ => 0,
         };
-        let Ok(bytes) = Arc::clone(&byte_budget).acquire_many_owned(cost_bytes).await else {
+        let Ok(bytes) = Arc::clone(&byte_budget)
+            .acquire_many_owned(cost_bytes)
+            .await
+        else {
             unreachable!("the byte-budget semaphore is never closed");
         };
         let permits = Permits {
@@ -233,7 +238,10 @@ where
 }
 
 /// Reads a WRITE payload into a buffer of exactly `len` bytes (no zero-fill, no copy).
-async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<BytesMut> {
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+) -> std::io::Result<BytesMut> {
     let mut buf = BytesMut::with_capacity(len);
     while buf.len() < len {
         let want = (len - buf.len()) as u64;
@@ -305,7 +313,10 @@ async fn execute(
         proto::CMD_TRIM => trim(session, req).await,
         proto::CMD_WRITE_ZEROES => write_zeroes(session, req).await,
         proto::CMD_CACHE => check_range(req, session.export.device.size_bytes(), proto::NBD_EINVAL),
-        other => Err(Failure::new(proto::NBD_EINVAL, format!("unknown command {other}"))),
+        other => Err(Failure::new(
+            proto::NBD_EINVAL,
+            format!("unknown command {other}"),
+        )),
     };
     match result {
         Ok(()) => Reply::Simple(proto::encode_simple_reply(0, cookie)),
@@ -313,7 +324,13 @@ async fn execute(
             tracing::debug!(cookie, command = req.command, error = f.error, message = %f.message, "request failed");
             if session.structured && is_data_command {
                 let mut out = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 6 + f.message.len());
-                proto::encode_error_chunk(&mut out, proto::REPLY_FLAG_DONE, cookie, f.error, &f.message);
+                proto::encode_error_chunk(
+                    &mut out,
+                    proto::REPLY_FLAG_DONE,
+                    cookie,
+                    f.error,
+                    &f.message,
+                );
                 Reply::Encoded(out)
             } else {
                 Reply::Simple(proto::encode_simple_reply(f.error, cookie))
@@ -326,7 +343,10 @@ async fn read(session: &Session, req: &Request, max_request_bytes: u32) -> Resul
     let device = &session.export.device;
     check_range(req, device.size_bytes(), proto::NBD_EINVAL)?;
     if req.len_bytes > max_request_bytes {
-        return Err(Failure::new(proto::NBD_EINVAL, "read longer than the maximum block size"));
+        return Err(Failure::new(
+            proto::NBD_EINVAL,
+            "read longer than the maximum block size",
+        ));
     }
     if req.len_bytes == 0 {
         return Ok(if session.structured {
@@ -335,7 +355,9 @@ async fn read(session: &Session, req: &Request, max_request_bytes: u32) -> Resul
             Reply::Simple(proto::encode_simple_reply(0, req.cookie))
         });
     }
-    let data = device.read_at(req.offset_bytes, req.len_bytes as usize).await?;
+    let data = device
+        .read_at(req.offset_bytes, req.len_bytes as usize)
+        .await?;
     if data.len() != req.len_bytes as usize {
         return Err(Failure::new(proto::NBD_EIO, "short read from the device"));
     }
@@ -349,7 +371,8 @@ async fn read(session: &Session, req: &Request, max_request_bytes: u32) -> Resul
         );
         proto::OFFSET_DATA_HEADER_LEN
     } else {
-        header[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&proto::encode_simple_reply(0, req.cookie));
+        header[..proto::SIMPLE_REPLY_LEN]
+            .copy_from_slice(&proto::encode_simple_reply(0, req.cookie));
         proto::SIMPLE_REPLY_LEN
     };
     Ok(Reply::Data {
@@ -367,7 +390,9 @@ async fn write(session: &Session, req: &Request, payload: Option<BytesMut>) -> R
         unreachable!("the reader always reads a WRITE payload");
     };
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-    device.write_at(req.offset_bytes, payload.freeze(), fua).await?;
+    device
+        .write_at(req.offset_bytes, payload.freeze(), fua)
+        .await?;
     Ok(())
 }
 
@@ -375,7 +400,9 @@ async fn trim(session: &Session, req: &Request) -> Result<(), Failure> {
     check_writable(session)?;
     let device = &session.export.device;
     check_range(req, device.size_bytes(), proto::NBD_EINVAL)?;
-    device.discard(req.offset_bytes, u64::from(req.len_bytes)).await?;
+    device
+        .discard(req.offset_bytes, u64::from(req.len_bytes))
+        .await?;
     if req.flags & proto::CMD_FLAG_FUA != 0 {
         device.flush().await?;
     }
@@ -385,7 +412,10 @@ async fn trim(session: &Session, req: &Request) -> Result<(), Failure> {
 async fn write_zeroes(session: &Session, req: &Request) -> Result<(), Failure> {
     check_writable(session)?;
     if req.flags & proto::CMD_FLAG_FAST_ZERO != 0 {
-        return Err(Failure::new(proto::NBD_EINVAL, "FAST_ZERO was not negotiated"));
+        return Err(Failure::new(
+            proto::NBD_EINVAL,
+            "FAST_ZERO was not negotiated",
+        ));
     }
     let device = &session.export.device;
     check_range(req, device.size_bytes(), proto::NBD_ENOSPC)?;
@@ -417,7 +447,10 @@ async fn block_status(session: &Session, req: &Request) -> Result<Reply, Failure
     let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
     let descriptors = descriptors_from_extents(&extents, req.len_bytes, req_one);
     if descriptors.is_empty() {
-        return Err(Failure::new(proto::NBD_EIO, "the device returned no extent"));
+        return Err(Failure::new(
+            proto::NBD_EIO,
+            "the device returned no extent",
+        ));
     }
     let mut out = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * descriptors.len());
     proto::encode_block_status(
@@ -432,7 +465,11 @@ async fn block_status(session: &Session, req: &Request) -> Result<Reply, Failure
 
 /// Turns device extents into descriptors covering at most `len_bytes`: merges
 /// neighbours with equal flags, drops empty extents, keeps one with `req_one`.
-fn descriptors_from_extents(extents: &[Extent], len_bytes: u32, req_one: bool) -> Vec<BlockDescriptor> {
+fn descriptors_from_extents(
+    extents: &[Extent],
+    len_bytes: u32,
+    req_one: bool,
+) -> Vec<BlockDescriptor> {
     let mut remaining = u64::from(len_bytes);
     let mut out: Vec<BlockDescriptor> = Vec::new();
     for extent in extents {
@@ -486,18 +523,38 @@ mod tests {
 
     #[test]
     fn descriptors_merge_clamp_and_req_one() {
-        let extents = [ext(4096, false), ext(4096, false), ext(8192, true), ext(1 << 40, false)];
+        let extents = [
+            ext(4096, false),
+            ext(4096, false),
+            ext(8192, true),
+            ext(1 << 40, false),
+        ];
         let d = descriptors_from_extents(&extents, 20_000, false);
         assert_eq!(
             d,
             vec![
-                BlockDescriptor { len_bytes: 8192, flags: 0 },
-                BlockDescriptor { len_bytes: 8192, flags: 3 },
-                BlockDescriptor { len_bytes: 20_000 - 16384, flags: 0 },
+                BlockDescriptor {
+                    len_bytes: 8192,
+                    flags: 0
+                },
+                BlockDescriptor {
+                    len_bytes: 8192,
+                    flags: 3
+                },
+                BlockDescriptor {
+                    len_bytes: 20_000 - 16384,
+                    flags: 0
+                },
             ]
         );
         let d = descriptors_from_extents(&extents, 20_000, true);
-        assert_eq!(d, vec![BlockDescriptor { len_bytes: 4096, flags: 0 }]);
+        assert_eq!(
+            d,
+            vec![BlockDescriptor {
+                len_bytes: 4096,
+                flags: 0
+            }]
+        );
         assert!(descriptors_from_extents(&[ext(0, false)], 10, false).is_empty());
     }
 }
