@@ -3,7 +3,8 @@
 //! pool) and against `nbdkit file`, on the same 1 GiB file, interleaved.
 //!
 //! Run: `cargo test --release --test nbd_perf -- --ignored --nocapture`
-//! (`NBD_PERF_ROUNDS`, default 3, and `NBD_PERF_SECONDS`, default 5, tune it).
+//! (`NBD_PERF_ROUNDS`, default 3, and `NBD_PERF_SECONDS`, default 5, tune it;
+//! `NBD_PERF_INLINE=1` does the file I/O on the worker instead of the blocking pool).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure
 

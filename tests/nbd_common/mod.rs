@@ -24,6 +24,8 @@ pub struct FileDev {
     file: Arc<File>,
     size_bytes: u64,
     multi_conn: bool,
+    /// Do the I/O on the calling task instead of the blocking pool (perf comparison).
+    inline: bool,
 }
 
 impl FileDev {
@@ -42,7 +44,17 @@ impl FileDev {
             file: Arc::new(file),
             size_bytes,
             multi_conn,
+            inline: false,
         })
+    }
+
+    /// A device that does its pread/pwrite on the calling task (blocks a worker).
+    pub fn open_inline(path: &Path) -> Arc<FileDev> {
+        let mut dev = Self::open(path);
+        if let Some(d) = Arc::get_mut(&mut dev) {
+            d.inline = true;
+        }
+        dev
     }
 
     async fn blocking<T: Send + 'static>(
@@ -50,6 +62,9 @@ impl FileDev {
         f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, IoError> {
         let file = Arc::clone(&self.file);
+        if self.inline {
+            return f(&file).map_err(IoError::Io);
+        }
         match tokio::task::spawn_blocking(move || f(&file)).await {
             Ok(r) => r.map_err(IoError::Io),
             Err(e) => Err(IoError::Io(std::io::Error::other(e.to_string()))),
