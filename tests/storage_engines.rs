@@ -1,6 +1,9 @@
 //! Engine tests: sync and io_uring, buffered and O_DIRECT, on temp files and on a loop
 //! device. Every check compares bytes against a reference model.
 
+// Test code: a failed call is the test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,7 +33,10 @@ fn temp_file(dir: &tempfile::TempDir, size_bytes: u64) -> PathBuf {
 
 fn open_checked(path: &Path, o: &OpenOptions) -> Arc<dyn BlockIo> {
     let (dev, kind) = storage::open_with_info(path, o).unwrap();
-    assert_eq!(kind, o.engine, "engine fell back on a machine that has io_uring");
+    assert_eq!(
+        kind, o.engine,
+        "engine fell back on a machine that has io_uring"
+    );
     dev
 }
 
@@ -56,7 +62,10 @@ async fn random_io(dev: &Arc<dyn BlockIo>, direct: bool, seed: u64) {
             let s = slots.swap_remove(i) * slot;
             let (off, len) = if direct {
                 let blocks = rng.random_range(1..=16u64);
-                (s + rng.random_range(0..=(16 - blocks)) * 4096, blocks * 4096)
+                (
+                    s + rng.random_range(0..=(16 - blocks)) * 4096,
+                    blocks * 4096,
+                )
             } else {
                 let len = rng.random_range(1..=slot);
                 (s + rng.random_range(0..=(slot - len)), len)
@@ -87,7 +96,10 @@ async fn random_io(dev: &Arc<dyn BlockIo>, direct: bool, seed: u64) {
         }
     }
     dev.flush().await.unwrap();
-    assert!(dev.read_at(0, size as usize).await.unwrap() == model, "final content differs");
+    assert!(
+        dev.read_at(0, size as usize).await.unwrap() == model,
+        "final content differs"
+    );
 }
 
 /// Awaits all futures concurrently (no `futures` crate here).
@@ -130,21 +142,38 @@ async fn suite(engine: EngineKind, direct: bool) {
     dev.write_at(MIB, data.clone(), true).await.unwrap();
     dev.flush().await.unwrap();
     let mut check = vec![0u8; 8192];
-    std::fs::File::open(&path).unwrap().read_exact_at(&mut check, MIB).unwrap();
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut check, MIB)
+        .unwrap();
     assert_eq!(check, &data[..]);
 
     // Discard on a file punches a hole: reads zeroes.
-    dev.write_at(2 * MIB, Bytes::from(vec![7u8; 65536]), false).await.unwrap();
+    dev.write_at(2 * MIB, Bytes::from(vec![7u8; 65536]), false)
+        .await
+        .unwrap();
     dev.discard(2 * MIB, 65536).await.unwrap();
-    assert!(dev.read_at(2 * MIB, 65536).await.unwrap().iter().all(|&b| b == 0));
+    assert!(dev
+        .read_at(2 * MIB, 65536)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
 
     // write_zeroes, with and without unmap, leaves the neighbours alone.
     for may_unmap in [false, true] {
-        dev.write_at(3 * MIB, Bytes::from(vec![9u8; 3 * 4096]), false).await.unwrap();
-        dev.write_zeroes(3 * MIB + 4096, 4096, may_unmap).await.unwrap();
+        dev.write_at(3 * MIB, Bytes::from(vec![9u8; 3 * 4096]), false)
+            .await
+            .unwrap();
+        dev.write_zeroes(3 * MIB + 4096, 4096, may_unmap)
+            .await
+            .unwrap();
         let got = dev.read_at(3 * MIB, 3 * 4096).await.unwrap();
         assert!(got[..4096].iter().all(|&b| b == 9));
-        assert!(got[4096..8192].iter().all(|&b| b == 0), "may_unmap={may_unmap}");
+        assert!(
+            got[4096..8192].iter().all(|&b| b == 0),
+            "may_unmap={may_unmap}"
+        );
         assert!(got[8192..].iter().all(|&b| b == 9));
     }
 
@@ -152,7 +181,8 @@ async fn suite(engine: EngineKind, direct: bool) {
     let size = dev.size_bytes();
     for e in [
         dev.read_at(size - 10, 20).await.map(|_| ()),
-        dev.write_at(size, Bytes::from(vec![1u8; 4096]), false).await,
+        dev.write_at(size, Bytes::from(vec![1u8; 4096]), false)
+            .await,
         dev.discard(size - 4096, 8192).await,
         dev.write_zeroes(u64::MAX - 1, 4096, false).await,
         dev.block_status(size, 1).await.map(|_| ()),
@@ -164,7 +194,10 @@ async fn suite(engine: EngineKind, direct: bool) {
     assert_eq!(dev.read_at(size - 4096, 4096).await.unwrap().len(), 4096);
 
     if direct {
-        let e = dev.write_at(100, Bytes::from(vec![1u8; 512]), false).await.unwrap_err();
+        let e = dev
+            .write_at(100, Bytes::from(vec![1u8; 512]), false)
+            .await
+            .unwrap_err();
         assert!(matches!(e, IoError::Invalid(_)), "{e}");
     }
     drop(dev);
@@ -173,7 +206,9 @@ async fn suite(engine: EngineKind, direct: bool) {
     let dir2 = tempfile::tempdir().unwrap();
     let sparse = temp_file(&dir2, 4 * MIB);
     let dev = open_checked(&sparse, &opts(engine, direct));
-    dev.write_at(0, Bytes::from(vec![1u8; 65536]), false).await.unwrap();
+    dev.write_at(0, Bytes::from(vec![1u8; 65536]), false)
+        .await
+        .unwrap();
     let ext = dev.block_status(0, 4 * MIB).await.unwrap();
     assert_eq!(ext.iter().map(|e| e.len_bytes).sum::<u64>(), 4 * MIB);
     assert!(!ext[0].hole && !ext[0].zero, "{ext:?}");
@@ -217,16 +252,27 @@ async fn offset_range_and_read_only() {
             };
             let dev = open_checked(&path, &o);
             assert_eq!(dev.size_bytes(), 2 * MIB);
-            dev.write_at(0, Bytes::from(vec![5u8; 4096]), false).await.unwrap();
-            dev.write_at(2 * MIB - 4096, Bytes::from(vec![6u8; 4096]), false).await.unwrap();
+            dev.write_at(0, Bytes::from(vec![5u8; 4096]), false)
+                .await
+                .unwrap();
+            dev.write_at(2 * MIB - 4096, Bytes::from(vec![6u8; 4096]), false)
+                .await
+                .unwrap();
             dev.flush().await.unwrap();
-            let e = dev.write_at(2 * MIB, Bytes::from(vec![6u8; 4096]), false).await;
+            let e = dev
+                .write_at(2 * MIB, Bytes::from(vec![6u8; 4096]), false)
+                .await;
             assert!(matches!(e, Err(IoError::OutOfRange { .. })));
             let f = std::fs::File::open(&path).unwrap();
             let mut buf = vec![0u8; 3 * MIB as usize];
             f.read_exact_at(&mut buf, 0).unwrap();
-            assert!(buf[..MIB as usize].iter().all(|&b| b == 0), "wrote before the area");
-            assert!(buf[MIB as usize..MIB as usize + 4096].iter().all(|&b| b == 5));
+            assert!(
+                buf[..MIB as usize].iter().all(|&b| b == 0),
+                "wrote before the area"
+            );
+            assert!(buf[MIB as usize..MIB as usize + 4096]
+                .iter()
+                .all(|&b| b == 5));
             assert!(buf[3 * MIB as usize - 4096..].iter().all(|&b| b == 6));
             drop(dev);
 
@@ -240,7 +286,10 @@ async fn offset_range_and_read_only() {
             let dev = open_checked(&path, &o);
             assert_eq!(dev.size_bytes(), 3 * MIB);
             assert!(dev.read_at(0, 4096).await.unwrap().iter().all(|&b| b == 5));
-            let e = dev.write_at(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap_err();
+            let e = dev
+                .write_at(0, Bytes::from(vec![1u8; 4096]), false)
+                .await
+                .unwrap_err();
             assert_eq!(e.errno(), libc::EPERM);
 
             // An area that does not fit is refused at open.
@@ -269,7 +318,10 @@ async fn uring_many_in_flight_and_clean_shutdown() {
     }
     let futs: Vec<_> = (0..n).map(|i| dev.read_at(i * 4096, 4096)).collect();
     for (i, r) in join_all(futs).await.into_iter().enumerate() {
-        assert!(r.unwrap().iter().all(|&b| b == (i % 251) as u8), "block {i}");
+        assert!(
+            r.unwrap().iter().all(|&b| b == (i % 251) as u8),
+            "block {i}"
+        );
     }
     // Large request, more than one SQE's worth is not needed; 8 MiB single read.
     let big = dev.read_at(0, 8 * MIB as usize).await.unwrap();
@@ -283,7 +335,10 @@ fn engine_kind_display_and_parse() {
     assert_eq!(EngineKind::Uring.to_string(), "uring");
     assert_eq!("uring".parse::<EngineKind>().unwrap(), EngineKind::Uring);
     assert!("aio".parse::<EngineKind>().is_err());
-    assert_eq!(serde_json::to_string(&EngineKind::Uring).unwrap(), "\"uring\"");
+    assert_eq!(
+        serde_json::to_string(&EngineKind::Uring).unwrap(),
+        "\"uring\""
+    );
 }
 
 /// A loop device over a temp file, detached on drop.
@@ -332,7 +387,9 @@ async fn loop_block_device() {
             let dev = open_checked(&lo.dev, &o);
             assert_eq!(dev.size_bytes(), 8 * MIB);
             random_io(&dev, direct, 7).await;
-            dev.write_at(0, Bytes::from(vec![3u8; 8192]), true).await.unwrap();
+            dev.write_at(0, Bytes::from(vec![3u8; 8192]), true)
+                .await
+                .unwrap();
             dev.write_zeroes(4096, 4096, false).await.unwrap();
             let got = dev.read_at(0, 8192).await.unwrap();
             assert!(got[..4096].iter().all(|&b| b == 3) && got[4096..].iter().all(|&b| b == 0));
@@ -344,5 +401,17 @@ async fn loop_block_device() {
             assert_eq!(e.errno(), libc::EINVAL);
             dev.flush().await.unwrap();
         }
+    }
+}
+
+/// The sync engine's inline write path needs a multi-thread runtime; on a
+/// current-thread runtime it must take the blocking pool instead and still work.
+#[tokio::test]
+async fn sync_on_current_thread_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = temp_file(&dir, 4 * MIB);
+    for engine in [EngineKind::Sync, EngineKind::Uring] {
+        let dev = open_checked(&path, &opts(engine, false));
+        random_io(&dev, false, 11).await;
     }
 }

@@ -32,13 +32,29 @@ pub struct Ops {
 
 impl Ops {
     /// Reads only.
-    pub const READ: Ops = Ops { read: true, write: false, flush: false };
+    pub const READ: Ops = Ops {
+        read: true,
+        write: false,
+        flush: false,
+    };
     /// Writes only (incl. discard and write_zeroes).
-    pub const WRITE: Ops = Ops { read: false, write: true, flush: false };
+    pub const WRITE: Ops = Ops {
+        read: false,
+        write: true,
+        flush: false,
+    };
     /// Flushes only.
-    pub const FLUSH: Ops = Ops { read: false, write: false, flush: true };
+    pub const FLUSH: Ops = Ops {
+        read: false,
+        write: false,
+        flush: true,
+    };
     /// Every kind.
-    pub const ALL: Ops = Ops { read: true, write: true, flush: true };
+    pub const ALL: Ops = Ops {
+        read: true,
+        write: true,
+        flush: true,
+    };
 
     fn has(self, k: Kind) -> bool {
         match k {
@@ -375,7 +391,11 @@ impl BlockIo for FaultInjector {
     fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, Vec<u8>> {
         Box::pin(async move {
             IoError::check_range(offset, len as u64, self.size_bytes())?;
-            if self.shared.state().decide(Kind::Read, Some((offset, len as u64))) {
+            if self
+                .shared
+                .state()
+                .decide(Kind::Read, Some((offset, len as u64)))
+            {
                 return Err(Shared::eio());
             }
             self.shared.inner.read_at(offset, len).await
@@ -384,7 +404,9 @@ impl BlockIo for FaultInjector {
 
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            self.shared.tracked_write(offset, WriteOp::Data(data, fua)).await
+            self.shared
+                .tracked_write(offset, WriteOp::Data(data, fua))
+                .await
         })
     }
 

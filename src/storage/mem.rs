@@ -96,7 +96,9 @@ mod tests {
     #[tokio::test]
     async fn mem_disk_roundtrip() {
         let d = MemDisk::new(8192);
-        d.write_at(100, Bytes::from_static(b"abc"), false).await.unwrap();
+        d.write_at(100, Bytes::from_static(b"abc"), false)
+            .await
+            .unwrap();
         assert_eq!(d.read_at(99, 5).await.unwrap(), b"\0abc\0");
         d.write_zeroes(101, 1, false).await.unwrap();
         assert_eq!(d.read_at(100, 3).await.unwrap(), b"a\0c");
@@ -106,7 +108,10 @@ mod tests {
             d.read_at(8190, 3).await,
             Err(IoError::OutOfRange { .. })
         ));
-        assert!(d.write_at(8192, Bytes::from_static(b"x"), false).await.is_err());
+        assert!(d
+            .write_at(8192, Bytes::from_static(b"x"), false)
+            .await
+            .is_err());
         let st = d.block_status(0, 8192).await.unwrap();
         assert_eq!(st.len(), 1);
         assert!(!st[0].hole);

@@ -4,9 +4,14 @@
 //! layer above it speaks ([`IoError`], mapped to errno values for NBD and FUSE), and
 //! the engines that reach a backing disk:
 //!
-//! - `sync`: portable engine, positioned `pread`/`pwrite` on tokio's blocking pool;
-//! - `uring`: io_uring engine, one submission thread per disk;
-//! - `fault`: a wrapper that injects errors and simulates power cuts (tests).
+//! - [`sync`]: portable engine, positioned `pread`/`pwrite` (page-cache hits served
+//!   inline, the rest on tokio's blocking pool);
+//! - [`uring`]: io_uring engine, one submission thread per disk;
+//! - [`mem`]: an in-memory disk for tests and the simulator;
+//! - [`fault`]: a wrapper that injects errors and simulates power cuts (tests);
+//! - [`sys`]: aligned buffers, ioctls, fallocate, SEEK_DATA/SEEK_HOLE helpers.
+//!
+//! [`open`] opens a byte range of a file or block device with either engine.
 //!
 //! The same trait is implemented by the replicated volume, so a frontend (NBD, FUSE)
 //! serves a plain file and a replicated resource alike. Offsets and lengths are in
@@ -40,7 +45,9 @@ pub enum IoError {
     #[error("I/O error on the backing disk: {0}")]
     Io(#[from] std::io::Error),
     /// The request reaches past the end of the device.
-    #[error("request at offset {offset_bytes} length {len_bytes} is past the end ({size_bytes} bytes)")]
+    #[error(
+        "request at offset {offset_bytes} length {len_bytes} is past the end ({size_bytes} bytes)"
+    )]
     OutOfRange {
         /// Start of the request.
         offset_bytes: u64,
@@ -171,7 +178,9 @@ impl std::str::FromStr for EngineKind {
         match s {
             "sync" => Ok(EngineKind::Sync),
             "uring" | "io_uring" => Ok(EngineKind::Uring),
-            other => Err(IoError::Invalid(format!("unknown storage engine {other:?} (sync, uring)"))),
+            other => Err(IoError::Invalid(format!(
+                "unknown storage engine {other:?} (sync, uring)"
+            ))),
         }
     }
 }
@@ -249,7 +258,11 @@ pub fn open_with_info(
             ))
         })?,
     };
-    if opts.offset_bytes.checked_add(size_bytes).is_none_or(|end| end > disk_bytes) {
+    if opts
+        .offset_bytes
+        .checked_add(size_bytes)
+        .is_none_or(|end| end > disk_bytes)
+    {
         return Err(IoError::Invalid(format!(
             "data area [{}, +{size_bytes}) does not fit in {} ({disk_bytes} bytes)",
             opts.offset_bytes,

@@ -49,8 +49,22 @@ impl Target {
     }
 }
 
+/// Largest request tried inline on the async thread (page-cache copy, a few µs).
+const INLINE_MAX_BYTES: usize = 128 * 1024;
+
+/// Whether we run on tokio's multi-thread runtime (where `block_in_place` works).
+fn multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 /// Blocking read of `len` bytes at absolute offset `abs`, honouring O_DIRECT alignment.
-pub(crate) fn blocking_read(file: &File, direct_io: bool, abs: u64, len: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn blocking_read(
+    file: &File,
+    direct_io: bool,
+    abs: u64,
+    len: usize,
+) -> io::Result<Vec<u8>> {
     if !direct_io {
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, abs)?;
@@ -74,7 +88,13 @@ pub(crate) fn blocking_read(file: &File, direct_io: bool, abs: u64, len: usize) 
 }
 
 /// Blocking write at absolute offset `abs`, honouring O_DIRECT alignment.
-pub(crate) fn blocking_write(file: &File, direct_io: bool, abs: u64, data: &[u8], fua: bool) -> io::Result<()> {
+pub(crate) fn blocking_write(
+    file: &File,
+    direct_io: bool,
+    abs: u64,
+    data: &[u8],
+    fua: bool,
+) -> io::Result<()> {
     if direct_io && !sys::is_ptr_aligned(data.as_ptr()) {
         let abuf = AlignedBuf::copy_from(data);
         return sys::write_all_at(file, abuf.as_slice(), abs, fua);
@@ -103,7 +123,12 @@ pub(crate) async fn discard(t: &Target, offset: u64, len: u64) -> Result<(), IoE
 }
 
 /// write_zeroes via the blocking pool.
-pub(crate) async fn write_zeroes(t: &Target, offset: u64, len: u64, may_unmap: bool) -> Result<(), IoError> {
+pub(crate) async fn write_zeroes(
+    t: &Target,
+    offset: u64,
+    len: u64,
+    may_unmap: bool,
+) -> Result<(), IoError> {
     let abs = t.check_write(offset, len)?;
     let (file, is_block, direct) = (t.file.clone(), t.is_block, t.direct_io);
     blocking(move || sys::write_zeroes(&file, is_block, direct, abs, len, may_unmap)).await
@@ -111,7 +136,11 @@ pub(crate) async fn write_zeroes(t: &Target, offset: u64, len: u64, may_unmap: b
 
 /// block_status via the blocking pool: SEEK_DATA/SEEK_HOLE on files, all data on
 /// block devices. Extents are clipped to the request.
-pub(crate) async fn block_status(t: &Target, offset: u64, len: u64) -> Result<Vec<Extent>, IoError> {
+pub(crate) async fn block_status(
+    t: &Target,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Extent>, IoError> {
     let abs = t.check_read(offset, len)?;
     if len == 0 {
         return Ok(Vec::new());
@@ -150,6 +179,14 @@ impl BlockIo for SyncDisk {
                 return Ok(Vec::new());
             }
             let (file, direct) = (self.t.file.clone(), self.t.direct_io);
+            if !direct && len <= INLINE_MAX_BYTES {
+                // Fast path: served from the page cache without a thread hop.
+                let mut buf = vec![0u8; len];
+                match sys::pread_nowait(&file, &mut buf, abs) {
+                    Ok(Some(n)) if n == len => return Ok(buf),
+                    Ok(_) | Err(_) => {} // would block, short, or error: the pool decides
+                }
+            }
             blocking(move || blocking_read(&file, direct, abs, len)).await
         })
     }
@@ -164,6 +201,14 @@ impl BlockIo for SyncDisk {
                 return Ok(());
             }
             let (file, direct) = (self.t.file.clone(), self.t.direct_io);
+            if !direct && !fua && data.len() <= INLINE_MAX_BYTES && multi_thread_runtime() {
+                // Fast path for small buffered writes: a page-cache copy done on this
+                // worker, which tokio hands its other tasks away from meanwhile (the
+                // copy may block in dirty-page throttling). No thread hop, like
+                // nbdkit's file plugin writing from the thread that read the request.
+                return tokio::task::block_in_place(|| file.write_all_at(&data, abs))
+                    .map_err(IoError::Io);
+            }
             blocking(move || {
                 if data.is_empty() {
                     return file.sync_data();

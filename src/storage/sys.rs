@@ -237,7 +237,12 @@ pub fn write_zeroes(
     let r = if is_block {
         ioctl_range(file, BLKZEROOUT, offset, len)
     } else {
-        fallocate(file, if may_unmap { PUNCH_MODE } else { ZERO_MODE }, offset, len)
+        fallocate(
+            file,
+            if may_unmap { PUNCH_MODE } else { ZERO_MODE },
+            offset,
+            len,
+        )
     };
     match r {
         Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
@@ -300,6 +305,33 @@ pub fn write_all_at(file: &File, data: &[u8], offset: u64, fua: bool) -> io::Res
         done += n as usize;
     }
     Ok(())
+}
+
+/// One `preadv2(RWF_NOWAIT)`: reads only what is already in the page cache without
+/// blocking; `Ok(None)` when it would block (EAGAIN) or the kernel refuses the flag.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: iov points to `buf`, a live exclusive slice the kernel writes at most
+    // `buf.len()` bytes into during the call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    nowait_result(n)
+}
+
+fn nowait_result(n: isize) -> io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINTR) | Some(libc::ENOSYS) => {
+            Ok(None)
+        }
+        _ => Err(e),
+    }
 }
 
 fn lseek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {

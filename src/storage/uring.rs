@@ -47,10 +47,26 @@ type Reply<T> = oneshot::Sender<Result<T, IoError>>;
 
 /// One request from a caller to the ring thread (absolute file offsets).
 enum Request {
-    Read { abs: u64, len: usize, reply: Reply<Vec<u8>> },
-    Write { abs: u64, data: Bytes, fua: bool, reply: Reply<()> },
-    Fsync { reply: Reply<()> },
-    Fallocate { abs: u64, len: u64, mode: i32, reply: Reply<()> },
+    Read {
+        abs: u64,
+        len: usize,
+        reply: Reply<Vec<u8>>,
+    },
+    Write {
+        abs: u64,
+        data: Bytes,
+        fua: bool,
+        reply: Reply<()>,
+    },
+    Fsync {
+        reply: Reply<()>,
+    },
+    Fallocate {
+        abs: u64,
+        len: u64,
+        mode: i32,
+        reply: Reply<()>,
+    },
 }
 
 /// Wake-up channel into the ring thread.
@@ -134,7 +150,9 @@ impl UringDisk {
             }
             Err(_) => {
                 let _ = thread.join();
-                Err(IoError::Io(io::Error::other("io_uring thread died during setup")))
+                Err(IoError::Io(io::Error::other(
+                    "io_uring thread died during setup",
+                )))
             }
         }
     }
@@ -474,10 +492,16 @@ impl RingThread {
                 // in-flight table until the CQE is reaped; moving the Slot does not
                 // move the heap allocation.
                 let p = unsafe { ptr.add(*done) };
-                opcode::Read::new(fd, p, n as u32).offset(*start + *done as u64).build()
+                opcode::Read::new(fd, p, n as u32)
+                    .offset(*start + *done as u64)
+                    .build()
             }
             Some(Slot::Write {
-                buf, abs, done, fua, ..
+                buf,
+                abs,
+                done,
+                fua,
+                ..
             }) => {
                 let rest = &buf.as_slice()[*done..];
                 let n = rest.len().min(MAX_SQE_BYTES);
@@ -619,7 +643,15 @@ impl BlockIo for UringDisk {
                 return Ok(());
             }
             let mode = sys::PUNCH_MODE;
-            match self.call(|reply| Request::Fallocate { abs, len, mode, reply }).await {
+            match self
+                .call(|reply| Request::Fallocate {
+                    abs,
+                    len,
+                    mode,
+                    reply,
+                })
+                .await
+            {
                 Err(IoError::Io(e)) if sys::is_unsupported(&e) => Ok(()),
                 other => other,
             }
@@ -640,7 +672,15 @@ impl BlockIo for UringDisk {
             } else {
                 sys::ZERO_MODE
             };
-            match self.call(|reply| Request::Fallocate { abs, len, mode, reply }).await {
+            match self
+                .call(|reply| Request::Fallocate {
+                    abs,
+                    len,
+                    mode,
+                    reply,
+                })
+                .await
+            {
                 Err(IoError::Io(e))
                     if sys::is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) =>
                 {
