@@ -4,9 +4,14 @@
 //! layer above it speaks ([`IoError`], mapped to errno values for NBD and FUSE), and
 //! the engines that reach a backing disk:
 //!
-//! - `sync`: portable engine, positioned `pread`/`pwrite` on tokio's blocking pool;
-//! - `uring`: io_uring engine, one submission thread per disk;
-//! - `fault`: a wrapper that injects errors and simulates power cuts (tests).
+//! - [`sync`]: portable engine, positioned `pread`/`pwrite` (page-cache hits served
+//!   inline, the rest on tokio's blocking pool);
+//! - [`uring`]: io_uring engine, one submission thread per disk;
+//! - [`mem`]: an in-memory disk for tests and the simulator;
+//! - [`fault`]: a wrapper that injects errors and simulates power cuts (tests);
+//! - [`sys`]: aligned buffers, ioctls, fallocate, SEEK_DATA/SEEK_HOLE helpers.
+//!
+//! [`open`] opens a byte range of a file or block device with either engine.
 //!
 //! The same trait is implemented by the replicated volume, so a frontend (NBD, FUSE)
 //! serves a plain file and a replicated resource alike. Offsets and lengths are in
@@ -18,9 +23,17 @@
 //! completes, or immediately when `write_at` was called with `fua = true`.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
+
+pub mod fault;
+pub mod mem;
+pub mod sync;
+pub mod sys;
+pub mod uring;
 
 /// A boxed future returned by every [`BlockIo`] call (dyn-compatible trait).
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, IoError>> + Send + 'a>>;
@@ -137,4 +150,141 @@ pub trait BlockIo: Send + Sync + 'static {
     fn flush_covers_all_handles(&self) -> bool {
         true
     }
+}
+
+/// Which engine reaches the backing disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// `pread`/`pwrite` on tokio's blocking pool.
+    Sync,
+    /// io_uring, one ring thread per disk.
+    Uring,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Sync => "sync",
+            EngineKind::Uring => "uring",
+        })
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = IoError;
+
+    fn from_str(s: &str) -> Result<EngineKind, IoError> {
+        match s {
+            "sync" => Ok(EngineKind::Sync),
+            "uring" | "io_uring" => Ok(EngineKind::Uring),
+            other => Err(IoError::Invalid(format!(
+                "unknown storage engine {other:?} (sync, uring)"
+            ))),
+        }
+    }
+}
+
+/// How to open a backing disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// The engine to use (io_uring falls back to sync when unavailable).
+    pub engine: EngineKind,
+    /// Open with O_DIRECT (bypass the page cache). Writes must then be 4 KiB aligned
+    /// (offset and length, relative to the disk; `offset_bytes` must be aligned too).
+    pub direct_io: bool,
+    /// Open read-only: every write, discard, zeroing fails with `NotPermitted`.
+    pub read_only: bool,
+    /// Start of the exposed range on the disk.
+    pub offset_bytes: u64,
+    /// Length of the exposed range; `None` = up to the end of the disk.
+    pub size_bytes: Option<u64>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions {
+            engine: EngineKind::Sync,
+            direct_io: false,
+            read_only: false,
+            offset_bytes: 0,
+            size_bytes: None,
+        }
+    }
+}
+
+/// Size in bytes of a regular file (its length) or block device (BLKGETSIZE64).
+pub fn device_size_bytes(path: &Path) -> Result<u64, IoError> {
+    let file = std::fs::File::open(path)?;
+    Ok(sys::file_size_bytes(&file)?)
+}
+
+/// Opens a backing disk; see [`open_with_info`].
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockIo>, IoError> {
+    open_with_info(path, opts).map(|(dev, _)| dev)
+}
+
+/// Opens `[offset_bytes, offset_bytes + size_bytes)` of a regular file or block device
+/// with the requested engine, and returns the engine really in use (io_uring falls
+/// back to sync with a warning when the ring cannot be set up).
+pub fn open_with_info(
+    path: &Path,
+    opts: &OpenOptions,
+) -> Result<(Arc<dyn BlockIo>, EngineKind), IoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    if opts.direct_io && !sys::is_direct_aligned(opts.offset_bytes) {
+        return Err(IoError::Invalid(format!(
+            "with direct I/O the data offset must be {} aligned, not {}",
+            sys::DIRECT_ALIGN_BYTES,
+            opts.offset_bytes
+        )));
+    }
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(!opts.read_only);
+    if opts.direct_io {
+        oo.custom_flags(libc::O_DIRECT);
+    }
+    let file = oo.open(path)?;
+    let is_block = sys::is_block_device(&file)?;
+    let disk_bytes = sys::file_size_bytes(&file)?;
+    let size_bytes = match opts.size_bytes {
+        Some(s) => s,
+        None => disk_bytes.checked_sub(opts.offset_bytes).ok_or_else(|| {
+            IoError::Invalid(format!(
+                "data offset {} is past the end of {} ({disk_bytes} bytes)",
+                opts.offset_bytes,
+                path.display()
+            ))
+        })?,
+    };
+    if opts
+        .offset_bytes
+        .checked_add(size_bytes)
+        .is_none_or(|end| end > disk_bytes)
+    {
+        return Err(IoError::Invalid(format!(
+            "data area [{}, +{size_bytes}) does not fit in {} ({disk_bytes} bytes)",
+            opts.offset_bytes,
+            path.display()
+        )));
+    }
+    let target = sync::Target {
+        file: Arc::new(file),
+        base_bytes: opts.offset_bytes,
+        size_bytes,
+        direct_io: opts.direct_io,
+        is_block,
+        read_only: opts.read_only,
+    };
+    if opts.engine == EngineKind::Uring {
+        match uring::UringDisk::start(target.clone()) {
+            Ok(d) => return Ok((Arc::new(d), EngineKind::Uring)),
+            Err(e) => tracing::warn!(
+                "io_uring unavailable for {} ({e}); falling back to the sync engine",
+                path.display()
+            ),
+        }
+    }
+    Ok((Arc::new(sync::SyncDisk::new(target)), EngineKind::Sync))
 }
