@@ -11,7 +11,7 @@ ADM() { "$BIN/rdbadm" -c "$T/rdb.conf" --node alpha --run-dir "$T/run" "$@"; }
 cleanup() { ADM down all >/dev/null 2>&1 || true; [ -f "$T/kit.pid" ] && kill "$(cat "$T/kit.pid")" 2>/dev/null; rm -rf "$T"; }
 trap cleanup EXIT
 truncate -s 1G "$T/alpha.img" "$T/beta.img" "$T/kit.img"
-ENGINE=${ENGINE:-uring}
+ENGINE=${ENGINE:-sync}
 cat > "$T/rdb.conf" <<CONF
 resource r0 {
     device /dev/rdb-bench-$$;

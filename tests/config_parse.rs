@@ -456,7 +456,7 @@ fn defaults_are_drbd_defaults() {
     assert_eq!(d.resync_rate_bytes_per_s, 250 * 1024);
     assert_eq!(d.c_max_rate_bytes_per_s, 100 << 20);
     assert_eq!(d.c_min_rate_bytes_per_s, 250 * 1024);
-    assert_eq!(d.io_engine, IoEngineKind::Uring);
+    assert_eq!(d.io_engine, IoEngineKind::Sync);
     assert!(!d.direct_io);
     assert_eq!(r.startup.wfc_timeout_s, 0);
     assert_eq!(r.startup.degr_wfc_timeout_s, 60);

@@ -290,7 +290,7 @@ impl Default for DiskConfig {
             c_fill_target_bytes: 100 * 512,
             c_max_rate_bytes_per_s: 100 * 1024 * 1024,
             c_min_rate_bytes_per_s: 250 * 1024,
-            io_engine: IoEngineKind::Uring,
+            io_engine: IoEngineKind::Sync,
             direct_io: false,
         }
     }
