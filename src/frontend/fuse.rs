@@ -318,8 +318,8 @@ impl FuseLoopDevice {
 }
 
 impl Drop for FuseLoopDevice {
-    /// Best effort, never blocks for long: a clean detach if nothing holds the device,
-    /// otherwise the loop device is marked to clear itself at its last close and FUSE
+    /// Best effort with bounded waits: a clean detach if nothing holds the device
+    /// (including the final volume flush, up to `DETACH_FLUSH_MS`), otherwise the loop device is marked to clear itself at its last close and FUSE
     /// is lazily unmounted (its thread serves the loop device until then).
     fn drop(&mut self) {
         if self.detached {
