@@ -1,0 +1,9 @@
+//! The engine sources of the `rdb` crate (`src/engine/core.rs`, `state.rs`),
+//! compiled into the simulator as they are, so the simulator exercises the real code.
+
+#[path = "../../../src/engine/core.rs"]
+pub mod core;
+#[path = "../../../src/engine/state.rs"]
+pub mod state;
+
+pub use self::core::StateChangeError;
