@@ -35,7 +35,12 @@ fn nbd_clients_see_the_right_device_and_data() {
     );
     c.adm_ok("alpha", &["up", "r0"]);
     // A Secondary refuses NBD clients with a clear message.
-    let refused = run(20, "nbdinfo", &["--size", &c.nbd_uri("alpha")]);
+    // libnbd shows the server's message only in its debug output.
+    let refused = run(
+        20,
+        "sh",
+        &["-c", &format!("LIBNBD_DEBUG=1 nbdinfo --size '{}'", c.nbd_uri("alpha"))],
+    );
     assert!(
         !refused.status.success(),
         "a Secondary served an NBD client"

@@ -113,14 +113,14 @@ fn full(protocol: Protocol, faults: FaultRates, avoid_known_bugs: bool) -> SimOp
 }
 
 #[test]
-#[ignore = "engine bug B1: a write of the new Primary is overwritten by the old Primary's peer write still in flight"]
+// Regression (was engine bug B1: a write...), fixed in src/engine/core.rs.
 fn b1_promotion_with_peer_writes_in_flight() {
     let o = full(Protocol::C, FaultRates::survivable(), false);
     run_seed(15, &o).unwrap();
 }
 
 #[test]
-#[ignore = "engine bug B2: protocols A/B forget completed writes the peer never acknowledged"]
+// Regression (was engine bug B2: protocols...), fixed in src/engine/core.rs.
 fn b2_protocol_b_loses_unacknowledged_completed_writes() {
     let o = full(Protocol::B, FaultRates::survivable(), true);
     run_seed(9, &o).unwrap();
@@ -137,7 +137,7 @@ fn b3_secondary_power_loss() {
 }
 
 #[test]
-#[ignore = "engine bug B4: a local write error on the Primary leaves the peer's copy newer, unmarked"]
+// Regression (was engine bug B4: a local...), fixed in src/engine/core.rs.
 fn b4_local_error_on_the_primary() {
     let faults = FaultRates {
         disk_errors: 10,

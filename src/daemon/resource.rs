@@ -330,7 +330,9 @@ impl Resource {
         self.persist()?;
         self.volume.announce_state();
         if self.device.is_none() && self.frontend == "fuse+loop" {
-            match self.attach_device() {
+            // Mounting FUSE and configuring the loop device block: keep the runtime's
+            // other tasks (the FUSE requests themselves) running meanwhile.
+            match tokio::task::block_in_place(|| self.attach_device()) {
                 Ok(dev) => self.device = Some(dev),
                 Err(e) => {
                     // Roll back: a Primary without its device would surprise everyone.
@@ -395,14 +397,15 @@ impl Resource {
             ))
             .into());
         }
-        if let Some(dev) = self.device.take() {
+        if let Some(dev) = self.device.as_mut() {
             let path = dev.link_path().to_path_buf();
-            if let Err(e) = dev.detach() {
+            if let Err(e) = tokio::task::block_in_place(|| dev.detach()) {
                 return Err(ResourceError::Device {
                     path,
                     message: e.to_string(),
                 });
             }
+            self.device = None;
         }
         self.volume.demote()?;
         self.volume.announce_state();

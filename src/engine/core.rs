@@ -295,6 +295,10 @@ pub struct Engine {
     next_arrival: u64,
     /// Arrival numbers of peer requests waiting for an earlier one, in order.
     peer_blocked: VecDeque<u64>,
+    /// Writes completed towards the application before the peer wrote them
+    /// (protocols A and B), by id: kept until the peer's WriteAck and marked out of
+    /// sync if the peer is lost first (DRBD's transfer log).
+    transfer_log: BTreeMap<ReqId, (u64, u64)>,
     counters: Counters,
 }
 
@@ -315,6 +319,7 @@ impl Engine {
             peer_index: HashMap::new(),
             next_arrival: 0,
             peer_blocked: VecDeque::new(),
+            transfer_log: BTreeMap::new(),
             counters: Counters::default(),
         }
     }
@@ -429,6 +434,14 @@ impl Engine {
                 assert!(p.local.is_none(), "two local completions for request {id}");
                 p.local = Some(result);
                 self.counters.local_pending -= 1;
+                if result.is_err() && p.kind.is_write() {
+                    // The peer may have written what our disk refused: the block
+                    // differs between the nodes until a resync settles it.
+                    out.push(Action::MarkOutOfSync {
+                        offset_bytes: p.offset_bytes,
+                        len_bytes: p.len_bytes,
+                    });
+                }
                 if result.is_ok() {
                     match p.kind {
                         ReqKind::Read => self.counters.disk_read_bytes += p.len_bytes,
@@ -466,9 +479,17 @@ impl Engine {
                         p.peer = progress;
                         self.try_complete(id, out);
                     }
+                } else if progress == PeerProgress::Written {
+                    self.transfer_log.remove(&id);
                 }
             }
             Event::PeerFailed { id } => {
+                if let Some((offset_bytes, len_bytes)) = self.transfer_log.remove(&id) {
+                    out.push(Action::MarkOutOfSync {
+                        offset_bytes,
+                        len_bytes,
+                    });
+                }
                 if let Some(p) = self.pending.get_mut(&id) {
                     if p.peer_needed && p.peer < PeerProgress::Written {
                         p.peer = PeerProgress::Written;
@@ -514,6 +535,9 @@ impl Engine {
                 };
                 out.push(Action::AckPeer { peer_id, kind });
                 self.release_peer_blocked(out);
+                if p.kind.is_write() && !self.blocked.is_empty() {
+                    self.release_blocked(out);
+                }
             }
         }
         debug_assert_eq!(self.counters.app_pending, self.pending.len() as u64);
@@ -551,10 +575,13 @@ impl Engine {
             !self.pending.contains_key(&id),
             "request id {id} reused while in flight"
         );
+        // A write waits for overlapping writes in flight: ours, and the previous
+        // Primary's still being applied here after a failover.
         let overlaps = kind.is_write()
-            && self.pending.values().any(|p| {
+            && (self.peer_write_overlaps(offset_bytes, len_bytes)
+                || self.pending.values().any(|p| {
                 p.kind.is_write() && overlap(p.offset_bytes, p.len_bytes, offset_bytes, len_bytes)
-            });
+            }));
         self.pending.insert(
             id,
             Pending {
@@ -624,6 +651,10 @@ impl Engine {
         };
         if p.peer_needed {
             self.counters.peer_pending -= 1;
+            if p.kind.is_write() && p.peer < PeerProgress::Written {
+                self.transfer_log
+                    .insert(id, (p.offset_bytes, p.len_bytes));
+            }
         }
         self.counters.app_pending -= 1;
         out.push(Action::Complete {
@@ -653,6 +684,12 @@ impl Engine {
         }
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::DUnknown;
+        for (_, (offset_bytes, len_bytes)) in std::mem::take(&mut self.transfer_log) {
+            out.push(Action::MarkOutOfSync {
+                offset_bytes,
+                len_bytes,
+            });
+        }
         let waiting: Vec<ReqId> = self
             .pending
             .iter()
@@ -673,6 +710,12 @@ impl Engine {
         }
     }
 
+    fn peer_write_overlaps(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        self.peer_reqs
+            .values()
+            .any(|q| q.kind.is_write() && overlap(q.offset_bytes, q.len_bytes, offset_bytes, len_bytes))
+    }
+
     /// Submits, in arrival order, every blocked write that no longer overlaps an
     /// in-flight write (nor an earlier blocked one).
     fn release_blocked(&mut self, out: &mut Vec<Action>) {
@@ -684,9 +727,12 @@ impl Engine {
             };
             let (off, len) = (p.offset_bytes, p.len_bytes);
             let overlaps_ahead = ahead.iter().any(|&(o, l)| overlap(o, l, off, len));
-            let overlaps_running = self.pending.values().any(|q| {
-                q.submitted && q.kind.is_write() && overlap(q.offset_bytes, q.len_bytes, off, len)
-            });
+            let overlaps_running = self.peer_write_overlaps(off, len)
+                || self.pending.values().any(|q| {
+                    q.submitted
+                        && q.kind.is_write()
+                        && overlap(q.offset_bytes, q.len_bytes, off, len)
+                });
             if overlaps_ahead || overlaps_running {
                 ahead.push((off, len));
                 still_blocked.push_back(id);
