@@ -7,6 +7,10 @@
 //!   UDP links and gratuitous ARP, health checks and ping, the runtime loop and the
 //!   control socket).
 
+pub mod agents;
 pub mod auth;
+pub mod checks;
 pub mod config;
+pub mod daemon;
 pub mod machine;
+pub mod net;
