@@ -86,7 +86,7 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn load(c: &Common) -> Result<config::Config, ExitCode> {
+fn load(c: &Common) -> Result<config::Config, ()> {
     let node = c.node.clone().unwrap_or_else(hostname);
     match config::load(&c.config_dir, &node, c.insecure_crc) {
         Ok((cfg, warnings)) => {
@@ -99,7 +99,7 @@ fn load(c: &Common) -> Result<config::Config, ExitCode> {
             for e in errs.0 {
                 eprintln!("error: {e}");
             }
-            Err(ExitCode::from(1))
+            Err(())
         }
     }
 }
@@ -216,9 +216,7 @@ async fn main() -> ExitCode {
                     summary(&cfg);
                     println!("configuration OK");
                 }
-                Err(code) => {
-                    return Err(anyhow::anyhow!("configuration rejected").context(code_msg(code)))
-                }
+                Err(_) => anyhow::bail!("check-config: configuration rejected"),
             },
             Cmd::Run {
                 c,
@@ -262,8 +260,4 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn code_msg(_: ExitCode) -> &'static str {
-    "check-config"
 }
