@@ -7,5 +7,6 @@
 //! - [`nbd`]: the NBD protocol (handshake options, requests, simple and structured replies);
 //! - [`repl`]: rdb's replication frames between nodes.
 
+pub mod heartbeat;
 pub mod nbd;
 pub mod repl;
