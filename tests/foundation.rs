@@ -61,7 +61,7 @@ fn nbd_clients_see_the_right_device_and_data() {
     assert_eq!(st["size_bytes"].as_u64(), Some(size));
     assert_eq!(st["role"], "Primary");
     assert_eq!(st["disk"], "UpToDate");
-    assert_eq!(st["connection"], "StandAlone");
+    assert_eq!(st["connection"], "Connecting", "beta is configured but down");
     let info = run_ok(20, "nbdinfo", &[&uri]);
     for flag in [
         "can_flush: true",

@@ -113,8 +113,8 @@ async fn run(
         if !*want.borrow() {
             volume.set_connecting(false);
             tokio::select! {
-                _ = want.wait_for(|w| *w) => continue,
-                _ = stop.wait_for(|s| *s) => break,
+                _ = wait_until(&mut want, true) => continue,
+                _ = wait_until(&mut stop, true) => break,
             }
         }
         volume.set_connecting(true);
@@ -123,8 +123,8 @@ async fn run(
         let attempt = peer::connect_with_status(&settings, &listener, cancel_rx, &status);
         let conn = tokio::select! {
             r = attempt => r,
-            _ = want.wait_for(|w| !*w) => { let _ = cancel_tx.send(true); continue; }
-            _ = stop.wait_for(|s| *s) => { let _ = cancel_tx.send(true); break; }
+            _ = wait_until(&mut want, false) => { let _ = cancel_tx.send(true); continue; }
+            _ = wait_until(&mut stop, true) => { let _ = cancel_tx.send(true); break; }
         };
         match conn {
             Ok(conn) => {
@@ -137,7 +137,7 @@ async fn run(
                 tracing::error!(resource = %settings.resource, "cannot connect: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(settings.connect_int_ms.max(100))) => {}
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = wait_until(&mut stop, true) => break,
                 }
             }
         }
@@ -203,7 +203,7 @@ async fn session(
         volume.set_connecting(false);
         tokio::select! {
             _ = want.changed() => {}
-            _ = stop.wait_for(|s| *s) => {}
+            _ = wait_until(stop, true) => {}
         }
         return;
     }
@@ -222,16 +222,22 @@ async fn session(
                     return;
                 }
             },
-            _ = want.wait_for(|w| !*w) => {
+            _ = wait_until(want, false) => {
                 conn.close("disconnect").await;
                 volume.detach_peer(true);
                 return;
             }
-            _ = stop.wait_for(|s| *s) => {
+            _ = wait_until(stop, true) => {
                 conn.close("down").await;
                 volume.detach_peer(true);
                 return;
             }
         }
     }
+}
+
+/// Waits until the watched flag equals `value` (or its sender is gone).
+async fn wait_until(rx: &mut watch::Receiver<bool>, value: bool) {
+    // The `Ref` that `wait_for` returns is not `Send`: drop it here.
+    let _ = rx.wait_for(|v| *v == value).await.map(|_| ());
 }

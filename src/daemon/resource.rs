@@ -322,7 +322,7 @@ impl Resource {
             sb.uuids.history[1] = sb.uuids.history[0];
             sb.uuids.history[0] = sb.uuids.bitmap;
             sb.uuids.bitmap = 0;
-            sb.uuids.current = meta::new_uuid();
+            sb.uuids.current = meta::uuid::random_uuid();
         }
         sb.flags |=
             meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;

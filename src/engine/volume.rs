@@ -391,10 +391,7 @@ impl Volume {
         drop(g);
         for d in deferred {
             match d {
-                Deferred::SubmitPeer(pid) => {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.apply_peer_request(pid).await });
-                }
+                Deferred::SubmitPeer(pid) => self.spawn_peer_request(pid),
                 Deferred::Send(tx, frame) => {
                     tokio::spawn(async move {
                         tx.send(frame).await;
@@ -402,6 +399,13 @@ impl Volume {
                 }
             }
         }
+    }
+
+    fn spawn_peer_request(self: &Arc<Self>, peer_id: u64) {
+        let me = self.clone();
+        let fut: Pin<Box<dyn Future<Output = ()> + Send>> =
+            Box::pin(async move { me.apply_peer_request(peer_id).await });
+        tokio::spawn(fut);
     }
 
     /// Applies one request of the peer to the local disk and reports it.
@@ -431,22 +435,20 @@ impl Volume {
                 })
             }
         };
-        let mut g = self.lock();
-        let mut actions = Vec::new();
-        let now_ms = self.now_ms();
-        g.engine.handle(
-            now_ms,
-            Event::PeerRequestDone { peer_id, result },
-            &mut actions,
-        );
-        let deferred = self.run_actions(&mut g, &mut actions);
-        drop(g);
+        let deferred = {
+            let mut g = self.lock();
+            let mut actions = Vec::new();
+            let now_ms = self.now_ms();
+            g.engine.handle(
+                now_ms,
+                Event::PeerRequestDone { peer_id, result },
+                &mut actions,
+            );
+            self.run_actions(&mut g, &mut actions)
+        };
         for d in deferred {
             match d {
-                Deferred::SubmitPeer(pid) => {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.apply_peer_request(pid).await });
-                }
+                Deferred::SubmitPeer(pid) => self.spawn_peer_request(pid),
                 Deferred::Send(tx, frame) => {
                     tx.send(frame).await;
                 }
