@@ -128,7 +128,7 @@ fn proxied(tag: &str, proto: &str) -> (Cluster, Proxy, Proxy, std::path::PathBuf
         tag,
         proto,
         "64M",
-        "ping-int 1; ping-timeout 5; timeout 20; connect-int 1;",
+        "ping-int 10; ping-timeout 50; timeout 100; connect-int 1;",
     );
     let conf = std::fs::read_to_string(&c.conf).unwrap();
     let addr = |node: &str| -> SocketAddr {
@@ -196,6 +196,15 @@ fn completion_rules_under_stalled_acks() {
         to_alpha.stall(Dir::ToTarget, true);
         let mut child = spawn_write(&c, 8192);
         let done_while_stalled = finished_within(&mut child, Duration::from_secs(3));
+        if done_while_stalled && proto != "A" {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "protocol {proto} write completed without the peer's ack: {} {}\nalpha log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                c.log_tail("alpha")
+            );
+        }
         match proto {
             "A" => assert!(
                 done_while_stalled,
