@@ -32,9 +32,7 @@ pub enum IoError {
     #[error("I/O error on the backing disk: {0}")]
     Io(#[from] std::io::Error),
     /// The request reaches past the end of the device.
-    #[error(
-        "request at offset {offset_bytes} length {len_bytes} is past the end ({size_bytes} bytes)"
-    )]
+    #[error("request at offset {offset_bytes} length {len_bytes} is past the end ({size_bytes} bytes)")]
     OutOfRange {
         /// Start of the request.
         offset_bytes: u64,
