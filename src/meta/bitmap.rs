@@ -124,7 +124,8 @@ impl Bitmap {
         if changed > 0 {
             self.mark_dirty(first, end);
         }
-        debug_assert_eq!(self.set_count, self.bits.count_ones() as u64);
+        // Full recount only for small bitmaps: it is O(size).
+        debug_assert!(self.bits.len() > 1 << 20 || self.set_count == self.bits.count_ones() as u64);
         changed
     }
 
