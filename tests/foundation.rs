@@ -39,7 +39,10 @@ fn nbd_clients_see_the_right_device_and_data() {
     let refused = run(
         20,
         "sh",
-        &["-c", &format!("LIBNBD_DEBUG=1 nbdinfo --size '{}'", c.nbd_uri("alpha"))],
+        &[
+            "-c",
+            &format!("LIBNBD_DEBUG=1 nbdinfo --size '{}'", c.nbd_uri("alpha")),
+        ],
     );
     assert!(
         !refused.status.success(),
@@ -61,7 +64,10 @@ fn nbd_clients_see_the_right_device_and_data() {
     assert_eq!(st["size_bytes"].as_u64(), Some(size));
     assert_eq!(st["role"], "Primary");
     assert_eq!(st["disk"], "UpToDate");
-    assert_eq!(st["connection"], "Connecting", "beta is configured but down");
+    assert_eq!(
+        st["connection"], "Connecting",
+        "beta is configured but down"
+    );
     let info = run_ok(20, "nbdinfo", &[&uri]);
     for flag in [
         "can_flush: true",

@@ -16,6 +16,12 @@ fn connected_to_secondary(c: &Cluster) -> bool {
         && s["peer_role"] == "Secondary"
 }
 
+/// Connected and the initial full sync done.
+fn in_sync(c: &Cluster) -> bool {
+    let s = c.status("alpha");
+    s["connection"] == "Connected" && s["peer_disk"] == "UpToDate" && s["disk"] == "UpToDate"
+}
+
 fn pair_up(c: &Cluster) {
     for n in ["alpha", "beta"] {
         c.adm_ok(n, &["create-md", "r0"]);
@@ -89,6 +95,13 @@ fn protocols_a_b_c_replicate_identically() {
                 "--output=/dev/null",
             ],
         );
+        // The initial full sync ran under the fio load: wait for it to finish.
+        assert!(
+            wait_for(Duration::from_secs(60), || in_sync(&c)),
+            "{proto}: initial sync never finished: {}",
+            c.status("alpha")
+        );
+        assert!(c.status("alpha")["resync_bytes_total"].as_u64().unwrap() > 0);
         let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
         let beta = c.status("beta");
         assert_eq!(beta["role"], "Secondary");
@@ -190,6 +203,10 @@ fn completion_rules_under_stalled_acks() {
         assert!(
             wait_for(Duration::from_secs(30), || connected_to_secondary(&c)),
             "{proto}: no connection"
+        );
+        assert!(
+            wait_for(Duration::from_secs(30), || in_sync(&c)),
+            "{proto}: initial sync never finished"
         );
         // Stall everything beta sends to alpha (acks), whichever way the link was dialled.
         to_beta.stall(Dir::FromTarget, true);

@@ -43,7 +43,12 @@ fn main() -> anyhow::Result<()> {
         run_dir: args.run_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("RDB_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .thread_name("rdbd")
         .build()

@@ -101,7 +101,8 @@ impl ExportResolver for Exports {
 pub struct Resource {
     cfg: ResourceConfig,
     run_dir: PathBuf,
-    md: MetaData,
+    md: Arc<std::sync::Mutex<MetaData>>,
+    keeper: JoinHandle<()>,
     volume: Arc<Volume>,
     io_engine: EngineKind,
     nbd: Arc<NbdServer>,
@@ -260,7 +261,14 @@ impl Resource {
             [] => None,
             [peer] => {
                 let settings = peer_settings(&cfg, peer);
-                let r = Replication::start(volume.clone(), settings)
+                // A rate set in the configuration is a fixed rate; otherwise the
+                // resync runs up to c-max-rate (DRBD's dynamic controller bound).
+                let rate = if cfg.disk.resync_rate_bytes_per_s != 250 * 1024 {
+                    cfg.disk.resync_rate_bytes_per_s
+                } else {
+                    cfg.disk.c_max_rate_bytes_per_s
+                };
+                let r = Replication::start(volume.clone(), settings, rate)
                     .await
                     .map_err(|source| ResourceError::Io {
                         what: "cannot listen for the peer on",
@@ -276,6 +284,8 @@ impl Resource {
                 )))
             }
         };
+        let md = Arc::new(std::sync::Mutex::new(md));
+        let keeper = tokio::spawn(keep_meta(volume.clone(), md.clone()));
         let (frontend, frontend_reason) = match choose_frontend(cfg.frontend) {
             Ok(f) => f,
             Err(reason) => ("none", reason),
@@ -285,6 +295,7 @@ impl Resource {
                 cfg,
                 run_dir,
                 md,
+                keeper,
                 volume,
                 io_engine,
                 nbd,
@@ -303,8 +314,16 @@ impl Resource {
         &self.cfg.name
     }
 
+    fn md(&self) -> std::sync::MutexGuard<'_, MetaData> {
+        self.md.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn persist(&mut self) -> Result<(), ResourceError> {
-        meta::write_superblock(&self.md)?;
+        let disk = self.volume.snapshot().disk;
+        let mut md = self.md();
+        sync_flags(&mut md, disk);
+        meta::write_superblock(&md)?;
+        self.volume.with_bitmap(|b| b.flush_dirty(&md))?;
         Ok(())
     }
 
@@ -316,7 +335,8 @@ impl Resource {
         if was.role != Role::Primary {
             tracing::info!(resource = self.name(), "role( {} -> Primary )", was.role);
         }
-        let sb = &mut self.md.superblock;
+        let mut md = self.md();
+        let sb = &mut md.superblock;
         if forced {
             // New data generation: this node's data is now authoritative.
             sb.uuids.history[1] = sb.uuids.history[0];
@@ -327,8 +347,14 @@ impl Resource {
         sb.flags |=
             meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;
         sb.flags &= !meta::flags::OUTDATED;
+        drop(md);
         self.persist()?;
         self.volume.announce_state();
+        if forced {
+            if let Some(r) = &self.replication {
+                r.recheck();
+            }
+        }
         if self.device.is_none() && self.frontend == "fuse+loop" {
             // Mounting FUSE and configuring the loop device block: keep the runtime's
             // other tasks (the FUSE requests themselves) running meanwhile.
@@ -337,7 +363,7 @@ impl Resource {
                 Err(e) => {
                     // Roll back: a Primary without its device would surprise everyone.
                     let _ = self.volume.demote();
-                    self.md.superblock.flags &= !meta::flags::PRIMARY_IND;
+                    self.md().superblock.flags &= !meta::flags::PRIMARY_IND;
                     let _ = self.persist();
                     return Err(e);
                 }
@@ -410,7 +436,7 @@ impl Resource {
         self.volume.demote()?;
         self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
-        self.md.superblock.flags &= !meta::flags::PRIMARY_IND;
+        self.md().superblock.flags &= !meta::flags::PRIMARY_IND;
         self.persist()?;
         Ok(())
     }
@@ -462,6 +488,7 @@ impl Resource {
     }
 
     async fn stop_everything(&mut self) -> Result<(), ResourceError> {
+        self.keeper.abort();
         if let Some(r) = self.replication.as_mut() {
             r.stop().await;
         }
@@ -492,7 +519,8 @@ impl Resource {
     pub fn status(&self) -> ResourceStatus {
         let snap = self.volume.snapshot();
         let vol = &self.cfg.volumes[0];
-        let sb = &self.md.superblock;
+        let md = self.md();
+        let sb = &md.superblock;
         ResourceStatus {
             name: self.cfg.name.clone(),
             node: self.cfg.node.clone(),
@@ -520,7 +548,7 @@ impl Resource {
             disk_path: vol.disk.display().to_string(),
             io_engine: self.io_engine.to_string(),
             out_of_sync_bytes: snap.out_of_sync_bytes,
-            resync_bytes_total: 0,
+            resync_bytes_total: snap.resync_bytes_total,
             uuids: Uuids {
                 current: hex_uuid(sb.uuids.current),
                 bitmap: hex_uuid(sb.uuids.bitmap),
@@ -557,5 +585,54 @@ fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSetting
         rcvbuf_size_bytes: net.rcvbuf_size_bytes,
         max_buffers: net.max_buffers,
         volumes: cfg.volumes.len() as u32,
+    }
+}
+
+/// Records the disk state in the superblock flags; true when they changed.
+fn sync_flags(md: &mut MetaData, disk: DiskState) -> bool {
+    use meta::flags::{CONSISTENT, OUTDATED, WAS_UP_TO_DATE};
+    let before = md.superblock.flags;
+    let keep = before & !(CONSISTENT | OUTDATED | WAS_UP_TO_DATE);
+    md.superblock.flags = keep
+        | match disk {
+            DiskState::UpToDate => CONSISTENT | WAS_UP_TO_DATE,
+            DiskState::Consistent => CONSISTENT | (before & WAS_UP_TO_DATE),
+            DiskState::Outdated => CONSISTENT | OUTDATED,
+            // Not attached yet or unknown: leave what the disk says.
+            DiskState::Diskless | DiskState::Attaching | DiskState::DUnknown => {
+                before & (CONSISTENT | OUTDATED | WAS_UP_TO_DATE)
+            }
+            DiskState::Inconsistent => 0,
+        };
+    md.superblock.flags != before
+}
+
+/// Interval of the meta-data keeper.
+const META_KEEPER_INTERVAL_MS: u64 = 1000;
+
+/// Writes the disk state to the superblock when it changes (a SyncTarget becomes
+/// Inconsistent on disk within a second of starting). The dirty bitmap is written
+/// at `down`; writing it periodically needs to happen outside the volume's lock
+/// (its fdatasync would stall I/O) and, with the activity log, is the next step.
+async fn keep_meta(volume: Arc<Volume>, md: Arc<std::sync::Mutex<MetaData>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(META_KEEPER_INTERVAL_MS));
+    loop {
+        tick.tick().await;
+        let disk = volume.snapshot().disk;
+        let md = md.clone();
+        // Superblock and bitmap writes are small synchronous file writes.
+        let r = tokio::task::spawn_blocking(move || -> Result<(), meta::MetaError> {
+            let mut md = md.lock().unwrap_or_else(|p| p.into_inner());
+            if sync_flags(&mut md, disk) {
+                meta::write_superblock(&md)?;
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("meta-data update failed: {e}"),
+            Err(e) => tracing::error!("meta-data keeper: {e}"),
+        }
     }
 }

@@ -31,12 +31,21 @@ pub enum ReqKind {
     Discard,
     /// Write zeroes.
     Zeroes,
+    /// Resync chunk on the SyncSource: read locally and sent to the peer by the
+    /// driver; it excludes overlapping writes while in flight, so the data it reads
+    /// and sends is never older than a write that completed before it.
+    Resync,
 }
 
 impl ReqKind {
     /// Whether the request changes data.
     pub fn is_write(self) -> bool {
         matches!(self, ReqKind::Write | ReqKind::Discard | ReqKind::Zeroes)
+    }
+
+    /// Whether overlapping writes must wait for this request (and it for them).
+    pub fn excludes_writes(self) -> bool {
+        self.is_write() || self == ReqKind::Resync
     }
 }
 
@@ -375,6 +384,44 @@ impl Engine {
         }
     }
 
+    /// Becomes SyncSource (`true`) or SyncTarget (`false`) on a connected link; a
+    /// SyncTarget's data is Inconsistent until the resync finishes.
+    pub fn start_sync(&mut self, source: bool) {
+        if !self.conn.is_connected() {
+            return;
+        }
+        let next = if source {
+            ConnState::SyncSource
+        } else {
+            ConnState::SyncTarget
+        };
+        tracing::info!("conn( {} -> {next} )", self.conn);
+        self.conn = next;
+        if !source && self.disk != DiskState::Inconsistent {
+            tracing::info!("disk( {} -> Inconsistent ) resync target", self.disk);
+            self.disk = DiskState::Inconsistent;
+        }
+    }
+
+    /// The resync finished: back to Connected; a SyncTarget is now UpToDate.
+    pub fn finish_sync(&mut self) {
+        match self.conn {
+            ConnState::SyncSource => {
+                tracing::info!("conn( SyncSource -> Connected )");
+                self.conn = ConnState::Connected;
+            }
+            ConnState::SyncTarget => {
+                tracing::info!(
+                    "conn( SyncTarget -> Connected ) disk( {} -> UpToDate )",
+                    self.disk
+                );
+                self.conn = ConnState::Connected;
+                self.disk = DiskState::UpToDate;
+            }
+            _ => {}
+        }
+    }
+
     /// Promotes this node. With `force`, Inconsistent or Outdated data becomes
     /// UpToDate (DRBD's `primary --force`). Returns whether the data was forced.
     pub fn promote(&mut self, force: bool) -> Result<bool, StateChangeError> {
@@ -406,10 +453,15 @@ impl Engine {
 
     /// Demotes this node; refused while application requests are in flight.
     pub fn demote(&mut self) -> Result<(), StateChangeError> {
-        if !self.pending.is_empty() {
+        // Resync chunks may stay in flight: a SyncSource can be Secondary.
+        let app = self
+            .pending
+            .values()
+            .filter(|p| p.kind != ReqKind::Resync)
+            .count();
+        if app > 0 {
             return Err(StateChangeError::HeldOpen(format!(
-                "{} requests in flight",
-                self.pending.len()
+                "{app} requests in flight"
             )));
         }
         self.role = Role::Secondary;
@@ -444,7 +496,9 @@ impl Engine {
                 }
                 if result.is_ok() {
                     match p.kind {
-                        ReqKind::Read => self.counters.disk_read_bytes += p.len_bytes,
+                        ReqKind::Read | ReqKind::Resync => {
+                            self.counters.disk_read_bytes += p.len_bytes
+                        }
                         ReqKind::Write | ReqKind::Zeroes | ReqKind::Discard => {
                             self.counters.disk_written_bytes += p.len_bytes
                         }
@@ -577,11 +631,12 @@ impl Engine {
         );
         // A write waits for overlapping writes in flight: ours, and the previous
         // Primary's still being applied here after a failover.
-        let overlaps = kind.is_write()
+        let overlaps = kind.excludes_writes()
             && (self.peer_write_overlaps(offset_bytes, len_bytes)
                 || self.pending.values().any(|p| {
-                p.kind.is_write() && overlap(p.offset_bytes, p.len_bytes, offset_bytes, len_bytes)
-            }));
+                    p.kind.excludes_writes()
+                        && overlap(p.offset_bytes, p.len_bytes, offset_bytes, len_bytes)
+                }));
         self.pending.insert(
             id,
             Pending {
@@ -652,8 +707,7 @@ impl Engine {
         if p.peer_needed {
             self.counters.peer_pending -= 1;
             if p.kind.is_write() && p.peer < PeerProgress::Written {
-                self.transfer_log
-                    .insert(id, (p.offset_bytes, p.len_bytes));
+                self.transfer_log.insert(id, (p.offset_bytes, p.len_bytes));
             }
         }
         self.counters.app_pending -= 1;
@@ -661,7 +715,7 @@ impl Engine {
             id,
             result: local.map_err(Refusal::LocalError),
         });
-        if p.kind.is_write() && !self.blocked.is_empty() {
+        if p.kind.excludes_writes() && !self.blocked.is_empty() {
             self.release_blocked(out);
         }
     }
@@ -711,9 +765,9 @@ impl Engine {
     }
 
     fn peer_write_overlaps(&self, offset_bytes: u64, len_bytes: u64) -> bool {
-        self.peer_reqs
-            .values()
-            .any(|q| q.kind.is_write() && overlap(q.offset_bytes, q.len_bytes, offset_bytes, len_bytes))
+        self.peer_reqs.values().any(|q| {
+            q.kind.is_write() && overlap(q.offset_bytes, q.len_bytes, offset_bytes, len_bytes)
+        })
     }
 
     /// Submits, in arrival order, every blocked write that no longer overlaps an
@@ -730,7 +784,7 @@ impl Engine {
             let overlaps_running = self.peer_write_overlaps(off, len)
                 || self.pending.values().any(|q| {
                     q.submitted
-                        && q.kind.is_write()
+                        && q.kind.excludes_writes()
                         && overlap(q.offset_bytes, q.len_bytes, off, len)
                 });
             if overlaps_ahead || overlaps_running {

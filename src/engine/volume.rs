@@ -74,7 +74,16 @@ struct Inner {
     peer_work: HashMap<u64, PeerWork>,
     peer_tx: Option<Arc<dyn PeerTx>>,
     bitmap: Bitmap,
+    /// Resync chunks sent and not yet acknowledged: id -> (offset, len).
+    resync_inflight: HashMap<ReqId, (u64, u64)>,
+    /// Bytes sent (SyncSource) or received (SyncTarget) by resync since `up`.
+    resync_bytes_total: u64,
 }
+
+/// `State` frame flag: the sender starts a resync as SyncSource.
+pub const STATE_FLAG_SYNC_START: u32 = 1;
+/// `State` frame flag: the sender finished its resync as SyncSource.
+pub const STATE_FLAG_SYNC_DONE: u32 = 2;
 
 /// Work collected under the lock, carried out after it is released.
 enum Deferred {
@@ -101,6 +110,8 @@ pub struct VolumeSnapshot {
     pub size_bytes: u64,
     /// Bytes marked out of sync in the bitmap.
     pub out_of_sync_bytes: u64,
+    /// Bytes moved by resync since `up`.
+    pub resync_bytes_total: u64,
 }
 
 /// The operation a request carries to the local disk.
@@ -110,6 +121,7 @@ enum LocalOp {
     Flush,
     Discard(u64),
     Zeroes(u64, bool),
+    Resync(usize),
 }
 
 /// A replicated volume of one resource on this node.
@@ -189,6 +201,8 @@ impl Volume {
                 peer_work: HashMap::new(),
                 peer_tx: None,
                 bitmap,
+                resync_inflight: HashMap::new(),
+                resync_bytes_total: 0,
             }),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
@@ -236,6 +250,7 @@ impl Volume {
             counters: g.engine.counters(),
             size_bytes: g.engine.size_bytes(),
             out_of_sync_bytes: g.bitmap.out_of_sync_bytes(),
+            resync_bytes_total: g.resync_bytes_total,
         }
     }
 
@@ -246,13 +261,95 @@ impl Volume {
 
     /// This node's state as a frame for the peer.
     pub fn state_frame(&self) -> Frame<Bytes> {
+        self.state_frame_with(0)
+    }
+
+    fn state_frame_with(&self, flags: u32) -> Frame<Bytes> {
         let g = self.lock();
         Frame::State {
             role: role_code(g.engine.role()),
             disk: disk_code(g.engine.disk()),
-            flags: 0,
+            flags,
             size_bytes: g.engine.size_bytes(),
         }
+    }
+
+    /// What this node brings to a resync decision.
+    pub fn sync_view(&self) -> crate::engine::sync::SyncView {
+        let g = self.lock();
+        crate::engine::sync::SyncView {
+            role: g.engine.role(),
+            disk: g.engine.disk(),
+            oos_blocks: g.bitmap.count_set(),
+        }
+    }
+
+    /// Starts a resync as SyncSource (`full`: every block) and tells the peer.
+    pub async fn start_sync_source(&self, full: bool) -> bool {
+        let tx = {
+            let mut g = self.lock();
+            if full {
+                g.bitmap.set_all();
+            }
+            g.engine.start_sync(true);
+            g.peer_tx.clone()
+        };
+        match tx {
+            Some(tx) => tx.send(self.state_frame_with(STATE_FLAG_SYNC_START)).await,
+            None => false,
+        }
+    }
+
+    /// Ends a resync as SyncSource and tells the peer its data is now UpToDate.
+    pub async fn finish_sync_source(&self) {
+        let tx = {
+            let mut g = self.lock();
+            g.engine.finish_sync();
+            g.peer_tx.clone()
+        };
+        if let Some(tx) = tx {
+            tx.send(self.state_frame_with(STATE_FLAG_SYNC_DONE)).await;
+        }
+    }
+
+    /// Resync chunks sent and not yet acknowledged.
+    pub fn resync_in_flight(&self) -> usize {
+        self.lock().resync_inflight.len()
+    }
+
+    /// The next run of out-of-sync blocks at or after `from`, at most `max_len`
+    /// bytes, skipping chunks already in flight.
+    pub fn next_resync_range(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
+        let g = self.lock();
+        let mut cursor = from;
+        loop {
+            let (off, len) = g.bitmap.runs(cursor).next()?;
+            let len = len.min(max_len);
+            let busy = g
+                .resync_inflight
+                .values()
+                .any(|&(o, l)| off < o + l && o < off + len);
+            if !busy {
+                return Some((off, len));
+            }
+            cursor = off + len;
+        }
+    }
+
+    /// Reads one chunk and sends it to the peer as resync data; overlapping
+    /// application writes wait while it is in flight. Returns false when the link
+    /// is gone.
+    pub async fn resync_chunk(&self, offset_bytes: u64, len_bytes: u64) -> Result<bool, IoError> {
+        self.check_range(offset_bytes, len_bytes)?;
+        let r = self
+            .submit(
+                ReqKind::Resync,
+                offset_bytes,
+                len_bytes,
+                LocalOp::Resync(len_bytes as usize),
+            )
+            .await?;
+        Ok(r.is_some())
     }
 
     /// Tells the peer about a role or disk change (no-op when not connected).
@@ -302,8 +399,11 @@ impl Volume {
         self.spawn_deferred(deferred);
     }
 
-    /// Handles a frame received from the peer.
-    pub fn on_frame(self: &Arc<Self>, frame: Frame<Bytes>) {
+    /// Handles a frame received from the peer. Requests of the peer are applied
+    /// here, in arrival order, before the next frame is read: on the Secondary this
+    /// is the whole data path (no task hop per write), and a slow disk slows the
+    /// link down (back-pressure through TCP) instead of queueing without bound.
+    pub async fn on_frame(self: &Arc<Self>, frame: Frame<Bytes>) {
         let event = match frame {
             Frame::Data {
                 offset_bytes,
@@ -355,14 +455,55 @@ impl Volume {
                 id: request_id,
                 progress: PeerProgress::Received,
             },
-            Frame::WriteAck { request_id, .. } => Event::PeerProgressed {
-                id: request_id,
-                progress: PeerProgress::Written,
-            },
+            Frame::WriteAck { request_id, .. } => {
+                let mut g = self.lock();
+                if let Some((offset_bytes, len_bytes)) = g.resync_inflight.remove(&request_id) {
+                    // The peer wrote this resync chunk: the blocks are in sync.
+                    if let Err(e) = g.bitmap.clear_range(offset_bytes, len_bytes) {
+                        tracing::error!(resource = %self.name, "bitmap: {e}");
+                    }
+                    g.resync_bytes_total += len_bytes;
+                    return;
+                }
+                Event::PeerProgressed {
+                    id: request_id,
+                    progress: PeerProgress::Written,
+                }
+            }
+            Frame::ResyncData {
+                offset_bytes,
+                len,
+                id,
+                payload,
+            } => {
+                let work = PeerWork {
+                    kind: ReqKind::Write,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                    payload: Some(payload),
+                    fua: false,
+                };
+                let mut g = self.lock();
+                g.peer_work.insert(id, work);
+                g.resync_bytes_total += u64::from(len);
+                Event::PeerRequest {
+                    peer_id: id,
+                    kind: ReqKind::Write,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                }
+            }
             Frame::FlushAck { id } => Event::PeerProgressed {
                 id,
                 progress: PeerProgress::Written,
             },
+            Frame::NegAck {
+                request_id, errno, ..
+            } if self.lock().resync_inflight.remove(&request_id).is_some() => {
+                // The bits stay set: the chunk is sent again on the next pass.
+                tracing::warn!(resource = %self.name, request_id, errno, "peer failed a resync write");
+                return;
+            }
             Frame::NegAck {
                 request_id, errno, ..
             } => {
@@ -374,42 +515,62 @@ impl Volume {
                 );
                 Event::PeerFailed { id: request_id }
             }
-            Frame::State { role, disk, .. } => Event::PeerState {
-                role: role_from_code(role),
-                disk: disk_from_code(disk),
-            },
+            Frame::State {
+                role, disk, flags, ..
+            } => {
+                let mut g = self.lock();
+                if flags & STATE_FLAG_SYNC_START != 0 {
+                    g.engine.start_sync(false);
+                    g.bitmap.clear_all();
+                }
+                if flags & STATE_FLAG_SYNC_DONE != 0 {
+                    g.engine.finish_sync();
+                }
+                if flags & (STATE_FLAG_SYNC_START | STATE_FLAG_SYNC_DONE) != 0 {
+                    // Our disk state changed: the peer shows it in its status.
+                    let tx = g.peer_tx.clone();
+                    let frame = Frame::State {
+                        role: role_code(g.engine.role()),
+                        disk: disk_code(g.engine.disk()),
+                        flags: 0,
+                        size_bytes: g.engine.size_bytes(),
+                    };
+                    if let Some(tx) = tx {
+                        tokio::spawn(async move {
+                            tx.send(frame).await;
+                        });
+                    }
+                }
+                Event::PeerState {
+                    role: role_from_code(role),
+                    disk: disk_from_code(disk),
+                }
+            }
             other => {
                 tracing::debug!(resource = %self.name, "ignoring frame {}", other.command());
                 return;
             }
         };
-        let mut g = self.lock();
-        let mut actions = Vec::new();
-        let now_ms = self.now_ms();
-        g.engine.handle(now_ms, event, &mut actions);
-        let deferred = self.run_actions(&mut g, &mut actions);
-        drop(g);
-        for d in deferred {
+        let deferred = {
+            let mut g = self.lock();
+            let mut actions = Vec::new();
+            let now_ms = self.now_ms();
+            g.engine.handle(now_ms, event, &mut actions);
+            self.run_actions(&mut g, &mut actions)
+        };
+        let mut work: std::collections::VecDeque<Deferred> = deferred.into();
+        while let Some(d) = work.pop_front() {
             match d {
-                Deferred::SubmitPeer(pid) => self.spawn_peer_request(pid),
+                Deferred::SubmitPeer(pid) => work.extend(self.apply_peer_request(pid).await),
                 Deferred::Send(tx, frame) => {
-                    tokio::spawn(async move {
-                        tx.send(frame).await;
-                    });
+                    tx.send(frame).await;
                 }
             }
         }
     }
 
-    fn spawn_peer_request(self: &Arc<Self>, peer_id: u64) {
-        let me = self.clone();
-        let fut: Pin<Box<dyn Future<Output = ()> + Send>> =
-            Box::pin(async move { me.apply_peer_request(peer_id).await });
-        tokio::spawn(fut);
-    }
-
     /// Applies one request of the peer to the local disk and reports it.
-    async fn apply_peer_request(self: Arc<Self>, peer_id: u64) {
+    async fn apply_peer_request(&self, peer_id: u64) -> Vec<Deferred> {
         let work = {
             let mut g = self.lock();
             g.peer_work
@@ -427,7 +588,7 @@ impl Volume {
                     ReqKind::Flush => self.storage.flush().await,
                     ReqKind::Discard => self.storage.discard(offset, len).await,
                     ReqKind::Zeroes => self.storage.write_zeroes(offset, len, true).await,
-                    ReqKind::Read => Err(IoError::Invalid("peer read".into())),
+                    ReqKind::Read | ReqKind::Resync => Err(IoError::Invalid("peer read".into())),
                 };
                 r.map_err(|e| {
                     tracing::error!(resource = %self.name, offset, len, "applying a peer write failed: {e}");
@@ -435,25 +596,15 @@ impl Volume {
                 })
             }
         };
-        let deferred = {
-            let mut g = self.lock();
-            let mut actions = Vec::new();
-            let now_ms = self.now_ms();
-            g.engine.handle(
-                now_ms,
-                Event::PeerRequestDone { peer_id, result },
-                &mut actions,
-            );
-            self.run_actions(&mut g, &mut actions)
-        };
-        for d in deferred {
-            match d {
-                Deferred::SubmitPeer(pid) => self.spawn_peer_request(pid),
-                Deferred::Send(tx, frame) => {
-                    tx.send(frame).await;
-                }
-            }
-        }
+        let mut g = self.lock();
+        let mut actions = Vec::new();
+        let now_ms = self.now_ms();
+        g.engine.handle(
+            now_ms,
+            Event::PeerRequestDone { peer_id, result },
+            &mut actions,
+        );
+        self.run_actions(&mut g, &mut actions)
     }
 
     /// Carries out deferred work from a context that cannot await.
@@ -617,7 +768,15 @@ impl Volume {
             // If this future is dropped mid-I/O (client gone), the guard still reports
             // a completion so the engine never keeps a request in flight forever.
             let guard = CancelGuard { volume: self, id };
-            let result = self.local(offset_bytes, op).await;
+            let mut result = self.local(offset_bytes, op).await;
+            if kind == ReqKind::Resync {
+                // Send while overlapping writes still wait: they follow it on the
+                // link, so the peer applies them after this (older) data.
+                result = match result {
+                    Ok(Some(data)) => self.send_resync(id, offset_bytes, data).await,
+                    other => other,
+                };
+            }
             std::mem::forget(guard);
             let errno = match result {
                 Ok(d) => {
@@ -644,6 +803,38 @@ impl Volume {
         match result {
             Ok(()) => Ok(data),
             Err(refusal) => Err(local_error.unwrap_or_else(|| self.refusal_error(refusal))),
+        }
+    }
+
+    async fn send_resync(
+        &self,
+        id: ReqId,
+        offset_bytes: u64,
+        data: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, IoError> {
+        let len = data.len() as u64;
+        let tx = {
+            let mut g = self.lock();
+            let tx = g.peer_tx.clone();
+            if tx.is_some() {
+                g.resync_inflight.insert(id, (offset_bytes, len));
+            }
+            tx
+        };
+        let Some(tx) = tx else {
+            return Ok(None);
+        };
+        let frame = Frame::ResyncData {
+            offset_bytes,
+            len: len as u32,
+            id,
+            payload: Bytes::from(data),
+        };
+        if tx.send(frame).await {
+            Ok(Some(Vec::new()))
+        } else {
+            self.lock().resync_inflight.remove(&id);
+            Ok(None)
         }
     }
 
@@ -682,7 +873,9 @@ impl Volume {
 
     async fn local(&self, offset_bytes: u64, op: LocalOp) -> Result<Option<Vec<u8>>, IoError> {
         match op {
-            LocalOp::Read(len) => self.storage.read_at(offset_bytes, len).await.map(Some),
+            LocalOp::Read(len) | LocalOp::Resync(len) => {
+                self.storage.read_at(offset_bytes, len).await.map(Some)
+            }
             LocalOp::Write(data, fua) => self
                 .storage
                 .write_at(offset_bytes, data, fua)

@@ -57,7 +57,9 @@ impl Proxy {
                             drop(client);
                             continue;
                         }
-                        let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+                        let Ok(server) =
+                            TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                        else {
                             continue;
                         };
                         let _ = client.set_nonblocking(false);
@@ -148,7 +150,9 @@ fn spawn_pump(ctl: Arc<Ctl>, from: &TcpStream, to: &TcpStream, dir: Dir) {
             let n = match from.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
                 Err(_) => break,
             };
             let delay = ctl.delay_ms.load(Ordering::Relaxed);

@@ -215,9 +215,18 @@ where
             None
         };
 
+        let max_request_bytes = limits.max_request_bytes;
+        // Alone in flight with nothing more buffered (queue depth 1): run it here,
+        // saving a task spawn and a wake-up on the latency-bound path.
+        let alone = slots.available_permits() + 1 == limits.max_inflight_per_conn
+            && reader.buffer().is_empty();
+        if alone {
+            let reply = execute(&session, &req, payload, max_request_bytes).await;
+            sink.submit(reply, permits).await;
+            continue;
+        }
         let session = Arc::clone(&session);
         let sink = Arc::clone(&sink);
-        let max_request_bytes = limits.max_request_bytes;
         tokio::spawn(async move {
             let reply = execute(&session, &req, payload, max_request_bytes).await;
             sink.submit(reply, permits).await;
