@@ -3,6 +3,8 @@
 //! Drives the real `rdbadm`/`rdbd` binaries and real clients (nbdinfo, fio,
 //! qemu-img, nbdsh, mkfs.ext4, mount, fsck) and asserts on data.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -257,7 +259,7 @@ fn meta_data_round_trips_and_corruption_is_refused() {
     // Corrupt one byte of the superblock (the last 4 KiB of the disk).
     let img = c.img("alpha");
     let len = std::fs::metadata(&img).unwrap().len();
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&img)

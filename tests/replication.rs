@@ -2,6 +2,8 @@
 //! Primary serves writes, under protocols A, B and C. Real binaries, real fio, a
 //! user-space proxy between the nodes for stalls and cuts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -163,22 +163,23 @@ impl Daemon {
                 }
                 r
             }
-            Command::Up { resource } => {
-                if resources.contains_key(&resource) {
+            Command::Up { resource } => match resources.entry(resource.clone()) {
+                std::collections::btree_map::Entry::Occupied(_) => {
                     Response::ok(format!("{resource}: already up"))
-                } else {
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
                     match Resource::up(&self.opts, &resource).await {
                         Ok((res, warnings)) => {
                             let mut r = Response::ok(format!("{resource}: up"));
                             r.warnings = warnings;
                             r.resources.push(res.status());
-                            resources.insert(resource, res);
+                            slot.insert(res);
                             r
                         }
                         Err(e) => Response::error(format!("{resource}: {e}")),
                     }
                 }
-            }
+            },
             Command::Down { resource } => match resources.remove(&resource) {
                 None => Response::ok(format!("{resource}: not up")),
                 Some(mut res) => match res.down().await {

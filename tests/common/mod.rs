@@ -6,7 +6,7 @@
 //! deadline, and the `Drop` of [`Cluster`] takes resources down, unmounts, kills
 //! leftover daemons and removes the directory even when a test fails.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod proxy;
 

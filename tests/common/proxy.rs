@@ -3,7 +3,7 @@
 //! or cut every connection (and refuse new ones) until healed. Bounded: its threads
 //! poll a shutdown flag every 20 ms and stop when the proxy is dropped.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
