@@ -39,6 +39,12 @@ head -c 16M /dev/urandom > "$D/mnt/random.bin"
 sync
 ls -l "$D/mnt"
 df -h "$D/mnt"
+adm alpha status --proc r0
+echo "waiting for the initial full sync (bounded: 120 s)..."
+for i in $(seq 1 240); do
+  "$ADM" -c "$D/rdb.conf" --node alpha --run-dir "$D/run-alpha" status r0 --json | grep -q '"peer_disk": "UpToDate"' && break
+  sleep 0.5
+done
 adm alpha status r0
 adm beta status r0
 adm alpha status --proc r0
@@ -49,4 +55,10 @@ fi
 umount "$D/mnt"
 adm alpha down r0
 adm beta down r0
+size=$(( $(stat -c %s "$D/alpha.img") - 1024 * 1024 ))
+if cmp -n "$size" "$D/alpha.img" "$D/beta.img"; then
+  echo "the two backing disks are identical (first $size bytes compared)"
+else
+  echo "the backing disks differ"; exit 1
+fi
 echo "quickstart done"

@@ -97,6 +97,18 @@ fn protocols_a_b_c_replicate_identically() {
                 "--output=/dev/null",
             ],
         );
+        // WRITE_ZEROES (unmap allowed and not), TRIM and FLUSH replicate too.
+        let script = r#"
+import sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b'z' * 1048576, 220 << 20)
+h.zero(65536, 220 << 20)
+h.zero(65536, (220 << 20) + 131072, nbd.CMD_FLAG_NO_HOLE)
+h.trim(65536, (220 << 20) + 262144)
+h.flush()
+print("ok")
+"#;
+        run_ok(60, "/usr/bin/python3", &["-c", script, &c.nbd_uri("alpha")]);
         // The initial full sync ran under the fio load: wait for it to finish.
         assert!(
             wait_for(Duration::from_secs(60), || in_sync(&c)),

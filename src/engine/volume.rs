@@ -88,6 +88,9 @@ pub const STATE_FLAG_SYNC_DONE: u32 = 2;
 /// Work collected under the lock, carried out after it is released.
 enum Deferred {
     Send(Arc<dyn PeerTx>, Frame<Bytes>),
+    /// An application request for the peer: if it cannot be queued, the peer
+    /// will never answer it, so it is failed towards the peer (marked out of sync).
+    SendRequest(Arc<dyn PeerTx>, Frame<Bytes>, ReqId),
     SubmitPeer(u64),
 }
 
@@ -565,6 +568,11 @@ impl Volume {
                 Deferred::Send(tx, frame) => {
                     tx.send(frame).await;
                 }
+                Deferred::SendRequest(tx, frame, id) => {
+                    if !tx.send(frame).await {
+                        self.peer_send_failed(id);
+                    }
+                }
             }
         }
     }
@@ -611,7 +619,9 @@ impl Volume {
     fn spawn_deferred(&self, deferred: Vec<Deferred>) {
         for d in deferred {
             match d {
-                Deferred::Send(tx, frame) => {
+                Deferred::Send(tx, frame) | Deferred::SendRequest(tx, frame, _) => {
+                    // Requests here come from a cancelled future or a state change;
+                    // a failed send is followed by the link's loss (PeerLost).
                     tokio::spawn(async move {
                         tx.send(frame).await;
                     });
@@ -663,7 +673,7 @@ impl Volume {
                             payload: slot.data.clone().unwrap_or_default(),
                         },
                     };
-                    deferred.push(Deferred::Send(tx, frame));
+                    deferred.push(Deferred::SendRequest(tx, frame, id));
                 }
                 Action::MarkOutOfSync {
                     offset_bytes,
@@ -845,11 +855,30 @@ impl Volume {
                 Deferred::Send(tx, frame) => {
                     tx.send(frame).await;
                 }
+                Deferred::SendRequest(tx, frame, id) => {
+                    if !tx.send(frame).await {
+                        self.peer_send_failed(id);
+                    }
+                }
                 Deferred::SubmitPeer(pid) => {
                     tracing::error!(pid, "peer request released on the application path");
                 }
             }
         }
+    }
+
+    /// A request could not be handed to the peer: the peer will never write it.
+    fn peer_send_failed(&self, id: ReqId) {
+        tracing::warn!(resource = %self.name, id, "could not send a request to the peer: marked out of sync");
+        let deferred = {
+            let mut g = self.lock();
+            let mut actions = Vec::new();
+            let now_ms = self.now_ms();
+            g.engine
+                .handle(now_ms, Event::PeerFailed { id }, &mut actions);
+            self.run_actions(&mut g, &mut actions)
+        };
+        self.spawn_deferred(deferred);
     }
 
     fn refusal_error(&self, refusal: Refusal) -> IoError {

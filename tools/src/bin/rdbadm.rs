@@ -588,7 +588,11 @@ fn render_status(list: &[ResourceStatus], verbose: bool) -> String {
             }
             s.push('\n');
             if r.peer_disk != "DUnknown" {
-                s.push_str(&format!("    peer-disk:{}\n", r.peer_disk));
+                s.push_str(&format!("    peer-disk:{}", r.peer_disk));
+                if r.connection == "SyncSource" && r.size_bytes > 0 {
+                    s.push_str(&format!(" done:{:.2}", sync_done_percent(r)));
+                }
+                s.push('\n');
             }
         }
         s.push('\n');
@@ -629,6 +633,22 @@ fn render_proc(list: &[ResourceStatus]) -> String {
             c.app_pending,
             k(r.out_of_sync_bytes)
         ));
+        if r.connection == "SyncSource" && r.size_bytes > 0 {
+            let pct = sync_done_percent(r);
+            let filled = (pct / 5.0) as usize;
+            s.push_str(&format!(
+                "\t[{}>{}] sync'ed: {pct:.1}% ({}/{})K\n",
+                "=".repeat(filled),
+                ".".repeat(20usize.saturating_sub(filled)),
+                k(r.out_of_sync_bytes),
+                k(r.size_bytes)
+            ));
+        }
     }
     s
+}
+
+/// Share of the device already in sync, in percent (SyncSource view).
+fn sync_done_percent(r: &ResourceStatus) -> f64 {
+    100.0 * (1.0 - r.out_of_sync_bytes as f64 / r.size_bytes.max(1) as f64)
 }
