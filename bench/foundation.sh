@@ -42,10 +42,11 @@ runs = [list(map(float, r.split())) for r in rows.strip(";").split(";")]
 ratio = statistics.median(r[3] / max(r[0], 1) for r in runs)
 kit = statistics.median(r[0] for r in runs); rdb = statistics.median(r[3] for r in runs)
 kp50 = statistics.median(r[2] for r in runs); rp50 = statistics.median(r[5] for r in runs)
-print(json.dumps({"job": f"{rw} {bs} QD{qd}", "nbdkit_iops": kit, "rdb_iops": rdb, "ratio": round(ratio, 2), "nbdkit_p50_us": kp50, "rdb_p50_us": rp50}))
+job = f"{rw} {bs} QD{qd}"
+print(f"{job:<18} nbdkit {kit:>9.0f} IOPS  rdb {rdb:>9.0f} IOPS  ratio {ratio:.2f}x  p50 {kp50:.0f}/{rp50:.0f} us", file=sys.stderr)
+print(json.dumps({"job": job, "nbdkit_iops": kit, "rdb_iops": rdb, "ratio": round(ratio, 2), "nbdkit_p50_us": kp50, "rdb_p50_us": rp50}))
 PY
 )
-  echo "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"job\"]:<18} nbdkit {d[\"nbdkit_iops\"]:>9.0f} IOPS  rdb {d[\"rdb_iops\"]:>9.0f} IOPS  ratio {d[\"ratio\"]:.2f}x  p50 {d[\"nbdkit_p50_us\"]:.0f}/{d[\"rdb_p50_us\"]:.0f} us")'
   json="$json$line,"
 done
 echo "${json%,}]" > "$RESULTS/foundation.json"
