@@ -155,6 +155,16 @@ fn spawn_pump(ctl: Arc<Ctl>, from: &TcpStream, to: &TcpStream, dir: Dir) {
                 }
                 Err(_) => break,
             };
+            // A stall set while this read was in progress holds what it returned.
+            while match dir {
+                Dir::ToTarget => ctl.stall_to_target.load(Ordering::Relaxed),
+                Dir::FromTarget => ctl.stall_from_target.load(Ordering::Relaxed),
+            } {
+                if ctl.shutdown.load(Ordering::Relaxed) || ctl.cut.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let delay = ctl.delay_ms.load(Ordering::Relaxed);
             if delay > 0 {
                 std::thread::sleep(Duration::from_millis(delay));
