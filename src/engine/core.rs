@@ -606,7 +606,8 @@ impl Engine {
         len_bytes: u64,
         out: &mut Vec<Action>,
     ) {
-        let refusal = if self.role != Role::Primary {
+        // A SyncSource may be Secondary: resync reads need usable data, not a role.
+        let refusal = if self.role != Role::Primary && kind != ReqKind::Resync {
             Some(Refusal::NotPrimary(self.role))
         } else if !self.disk.is_usable() {
             Some(Refusal::NoUsableData(self.disk))
@@ -1346,5 +1347,25 @@ mod tests {
                 kind: AckKind::Neg(libc::EINVAL)
             }]
         );
+    }
+
+    #[test]
+    fn a_secondary_sync_source_may_read_for_resync() {
+        let mut e = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut out = Vec::new();
+        e.handle(0, req(1, ReqKind::Resync, 0, 65536), &mut out);
+        assert_eq!(out, vec![Action::SubmitLocal(1)]);
+        out.clear();
+        // It completes on the local read alone (the driver sends the data).
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        assert!(completes(&out, 1));
+        assert!(e.demote().is_ok());
     }
 }
