@@ -88,10 +88,25 @@ async fn run_cmd(env: &AgentEnv, argv: &[String], stdin: Option<&str>) -> Result
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
-        cmd: line.clone(),
-        source,
-    })?;
+    // A script just written (by an administrator's tool, or a test) may still be
+    // open for writing in a process that forked meanwhile: exec then fails with
+    // ETXTBSY for a moment. Retry a few times, bounded.
+    let mut attempts = 0u32;
+    let mut child = loop {
+        match cmd.spawn() {
+            Ok(child) => break child,
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(source) => {
+                return Err(AgentError::Spawn {
+                    cmd: line.clone(),
+                    source,
+                })
+            }
+        }
+    };
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         use tokio::io::AsyncWriteExt;
         // A reader that exits early is reported by its exit status, not here.
