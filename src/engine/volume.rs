@@ -375,11 +375,7 @@ impl Volume {
     pub fn attach_peer(&self, tx: Arc<dyn PeerTx>, role: Role, disk: DiskState) {
         let mut g = self.lock();
         g.peer_tx = Some(tx);
-        let mut actions = Vec::new();
-        let now_ms = self.now_ms();
-        g.engine
-            .handle(now_ms, Event::PeerConnected { role, disk }, &mut actions);
-        let deferred = self.run_actions(&mut g, &mut actions);
+        let deferred = self.step(&mut g, Event::PeerConnected { role, disk });
         drop(g);
         self.spawn_deferred(deferred);
     }
@@ -389,15 +385,12 @@ impl Volume {
         let mut g = self.lock();
         g.peer_tx = None;
         g.peer_work.clear();
-        let mut actions = Vec::new();
-        let now_ms = self.now_ms();
         let event = if admin {
             Event::Disconnect
         } else {
             Event::PeerLost
         };
-        g.engine.handle(now_ms, event, &mut actions);
-        let deferred = self.run_actions(&mut g, &mut actions);
+        let deferred = self.step(&mut g, event);
         drop(g);
         self.spawn_deferred(deferred);
     }
@@ -554,13 +547,7 @@ impl Volume {
                 return;
             }
         };
-        let deferred = {
-            let mut g = self.lock();
-            let mut actions = Vec::new();
-            let now_ms = self.now_ms();
-            g.engine.handle(now_ms, event, &mut actions);
-            self.run_actions(&mut g, &mut actions)
-        };
+        let deferred = self.step(&mut self.lock(), event);
         let mut work: std::collections::VecDeque<Deferred> = deferred.into();
         while let Some(d) = work.pop_front() {
             match d {
@@ -604,15 +591,7 @@ impl Volume {
                 })
             }
         };
-        let mut g = self.lock();
-        let mut actions = Vec::new();
-        let now_ms = self.now_ms();
-        g.engine.handle(
-            now_ms,
-            Event::PeerRequestDone { peer_id, result },
-            &mut actions,
-        );
-        self.run_actions(&mut g, &mut actions)
+        self.step(&mut self.lock(), Event::PeerRequestDone { peer_id, result })
     }
 
     /// Carries out deferred work from a context that cannot await.
@@ -631,6 +610,14 @@ impl Volume {
                 }
             }
         }
+    }
+
+    /// Feeds one event to the engine at the current time and carries out its
+    /// actions under the lock (`g`); returns what must be done after it is released.
+    fn step(&self, g: &mut Inner, event: Event) -> Vec<Deferred> {
+        let mut actions = Vec::with_capacity(3);
+        g.engine.handle(self.now_ms(), event, &mut actions);
+        self.run_actions(g, &mut actions)
     }
 
     /// Carries out the engine's actions under the lock; returns what must be done
@@ -752,19 +739,13 @@ impl Volume {
                     done: Some(done_tx),
                 },
             );
-            let mut actions = Vec::with_capacity(3);
-            let now_ms = self.now_ms();
-            g.engine.handle(
-                now_ms,
-                Event::Request {
-                    id,
-                    kind,
-                    offset_bytes,
-                    len_bytes,
-                },
-                &mut actions,
-            );
-            self.run_actions(&mut g, &mut actions)
+            let event = Event::Request {
+                id,
+                kind,
+                offset_bytes,
+                len_bytes,
+            };
+            self.step(&mut g, event)
         };
         let mut local_error = None;
         let mut data = None;
@@ -799,14 +780,7 @@ impl Volume {
                     Err(errno)
                 }
             };
-            let deferred = {
-                let mut g = self.lock();
-                let mut actions = Vec::with_capacity(2);
-                let now_ms = self.now_ms();
-                g.engine
-                    .handle(now_ms, Event::LocalDone { id, result: errno }, &mut actions);
-                self.run_actions(&mut g, &mut actions)
-            };
+            let deferred = self.step(&mut self.lock(), Event::LocalDone { id, result: errno });
             self.send_all(deferred).await;
         }
         let result = done_rx.await.map_err(|_| IoError::Shutdown)?;
@@ -870,14 +844,7 @@ impl Volume {
     /// A request could not be handed to the peer: the peer will never write it.
     fn peer_send_failed(&self, id: ReqId) {
         tracing::warn!(resource = %self.name, id, "could not send a request to the peer: marked out of sync");
-        let deferred = {
-            let mut g = self.lock();
-            let mut actions = Vec::new();
-            let now_ms = self.now_ms();
-            g.engine
-                .handle(now_ms, Event::PeerFailed { id }, &mut actions);
-            self.run_actions(&mut g, &mut actions)
-        };
+        let deferred = self.step(&mut self.lock(), Event::PeerFailed { id });
         self.spawn_deferred(deferred);
     }
 
@@ -938,19 +905,11 @@ struct CancelGuard<'a> {
 
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
-        let mut g = self.volume.lock();
-        let mut actions = Vec::new();
-        let now_ms = self.volume.now_ms();
-        g.engine.handle(
-            now_ms,
-            Event::LocalDone {
-                id: self.id,
-                result: Err(libc::ECANCELED),
-            },
-            &mut actions,
-        );
-        let deferred = self.volume.run_actions(&mut g, &mut actions);
-        drop(g);
+        let event = Event::LocalDone {
+            id: self.id,
+            result: Err(libc::ECANCELED),
+        };
+        let deferred = self.volume.step(&mut self.volume.lock(), event);
         self.volume.spawn_deferred(deferred);
     }
 }
