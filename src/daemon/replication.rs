@@ -14,9 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::engine::sync::{decide, SyncDecision, SyncView};
-use crate::engine::volume::{disk_from_code, role_from_code, PeerTx};
-use crate::engine::{Role, Volume};
+use crate::engine::sync::{decide, SplitBrainPolicy, SyncDecision, SyncView};
+use crate::engine::volume::{
+    disk_from_code, role_from_code, PeerTx, UUID_FLAG_CRASHED_PRIMARY, UUID_FLAG_DISCARD_MY_DATA,
+    UUID_FLAG_INFO_ONLY, UUID_FLAG_SKIP_SYNC,
+};
+use crate::engine::{ConnState, Role, Volume};
+use crate::meta::uuid::format_uuid;
+use crate::meta::GenerationUuids;
 use crate::peer::{self, PeerConnection, PeerEvent, PeerSender, PeerSettings, PeerStatus};
 
 /// Adapts the transport's sender to what the volume needs.
@@ -29,6 +34,21 @@ impl PeerTx for SenderTx {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(async move { self.0.send(frame).await.is_ok() })
     }
+}
+
+/// How resyncs run and split brains are handled (from the resource's config).
+#[derive(Debug, Clone)]
+pub struct ResyncSettings {
+    /// `after-sb-*pri`.
+    pub policy: SplitBrainPolicy,
+    /// `handlers { }`: name -> shell command.
+    pub handlers: std::collections::BTreeMap<String, String>,
+    /// A fixed rate (`syncer { rate }` / `resync-rate` set, or `c-plan-ahead 0`).
+    pub fixed_rate_bytes_per_s: Option<u64>,
+    /// Dynamic controller: rate while applications are idle.
+    pub c_max_rate_bytes_per_s: u64,
+    /// Dynamic controller: rate kept while applications write.
+    pub c_min_rate_bytes_per_s: u64,
 }
 
 /// Handle of a resource's replication task.
@@ -46,7 +66,7 @@ impl Replication {
     pub async fn start(
         volume: Arc<Volume>,
         settings: PeerSettings,
-        resync_rate_bytes_per_s: u64,
+        resync: ResyncSettings,
     ) -> std::io::Result<Replication> {
         let listener = TcpListener::bind(settings.listen_addr).await?;
         let recheck = Arc::new(tokio::sync::Notify::new());
@@ -60,7 +80,7 @@ impl Replication {
             status: status.clone(),
             refusal: refusal.clone(),
             recheck: recheck.clone(),
-            resync_rate_bytes_per_s,
+            resync,
         };
         let task = tokio::spawn(run(link, listener, want_rx, stop_rx));
         Ok(Replication {
@@ -114,7 +134,7 @@ struct Link {
     status: PeerStatus,
     refusal: Arc<std::sync::Mutex<Option<String>>>,
     recheck: Arc<tokio::sync::Notify>,
-    resync_rate_bytes_per_s: u64,
+    resync: ResyncSettings,
 }
 
 async fn run(
@@ -225,17 +245,75 @@ async fn session(
         return;
     }
     volume.attach_peer(tx.clone(), role, disk);
-    tx.send(uuids_frame(volume)).await;
-    let mut peer_oos_blocks: Option<u64> = None;
+    let mut my_oos_blocks = send_uuids_and_bitmap(volume, &tx, 0).await;
+    let mut peer: Option<PeerUuids> = None;
+    let mut bitmap_words_received: u64 = 0;
+    let bitmap_words_limit = mine.size_bytes.div_ceil(4096).div_ceil(64) + 1;
     let mut resync: Option<JoinHandle<()>> = None;
     loop {
         tokio::select! {
             ev = conn.recv() => match ev {
-                Some(PeerEvent::Frame { frame: Frame::Uuids { bitmap_bits, .. }, .. }) => {
-                    peer_oos_blocks = Some(bitmap_bits);
-                    if !evaluate(link, bitmap_bits, &mut resync) {
-                        split_brain(link, conn, want, stop).await;
+                Some(PeerEvent::Frame { frame: Frame::Uuids { current, bitmap, history, bitmap_bits, flags }, .. }) => {
+                    let uuids = GenerationUuids { current, bitmap, history };
+                    volume.set_peer_uuids(uuids);
+                    if flags & UUID_FLAG_INFO_ONLY != 0 {
+                        // The peer's generation moved (end of a resync): keep its view
+                        // current for later decisions, decide nothing now.
+                        if let Some(p) = peer.as_mut() {
+                            p.uuids = uuids;
+                            p.bitmap_bits = bitmap_bits;
+                            p.flags = flags & !UUID_FLAG_INFO_ONLY;
+                        }
+                        continue;
+                    }
+                    if flags & UUID_FLAG_SKIP_SYNC != 0 {
+                        tracing::info!(resource = %res, "peer declared new current UUID {} with --clear-bitmap: adopting it, no initial sync", format_uuid(current));
+                        volume.adopt_skip_sync(current);
+                        volume.announce_state();
+                        continue;
+                    }
+                    peer = Some(PeerUuids { uuids, bitmap_bits, flags, bitmap_done: false });
+                    bitmap_words_received = 0;
+                }
+                Some(PeerEvent::Frame { frame: Frame::BitmapChunk { offset_bits, words }, .. }) => {
+                    bitmap_words_received += words.len() as u64;
+                    let merged = if bitmap_words_received > bitmap_words_limit {
+                        Err("more bitmap than the device has".to_string())
+                    } else {
+                        volume.merge_peer_bitmap(offset_bits, &words).map_err(|e| e.to_string())
+                    };
+                    if let Err(e) = merged {
+                        tracing::error!(resource = %res, "bad bitmap from the peer: {e}");
+                        conn.close("protocol error: bad bitmap").await;
+                        volume.detach_peer(false);
                         return;
+                    }
+                }
+                Some(PeerEvent::Frame { frame: Frame::BitmapDone, .. }) => {
+                    if let Some(p) = peer.as_mut() {
+                        p.bitmap_done = true;
+                    }
+                    if let Some(p) = peer {
+                        if !evaluate(link, &p, my_oos_blocks, &mut resync).await {
+                            stand_alone(link, conn, want, stop).await;
+                            return;
+                        }
+                    }
+                }
+                Some(PeerEvent::Frame { frame: frame @ Frame::State { .. }, .. }) => {
+                    let before = volume.snapshot();
+                    volume.on_frame(frame).await;
+                    let after = volume.snapshot();
+                    // A peer that changed role or disk outside a resync may change the
+                    // decision (e.g. it was forced to Primary).
+                    let idle = !matches!(after.conn, ConnState::SyncSource | ConnState::SyncTarget);
+                    let changed = (before.peer_role, before.peer_disk) != (after.peer_role, after.peer_disk);
+                    if let (true, true, Some(p)) = (idle, changed, peer) {
+                        my_oos_blocks = volume.sync_view().oos_blocks;
+                        if p.bitmap_done && !evaluate(link, &p, my_oos_blocks, &mut resync).await {
+                            stand_alone(link, conn, want, stop).await;
+                            return;
+                        }
                     }
                 }
                 Some(PeerEvent::Frame { frame, .. }) => volume.on_frame(frame).await,
@@ -250,10 +328,13 @@ async fn session(
                 }
             },
             _ = link.recheck.notified() => {
-                tx.send(uuids_frame(volume)).await;
-                if let Some(bits) = peer_oos_blocks {
-                    if !evaluate(link, bits, &mut resync) {
-                        split_brain(link, conn, want, stop).await;
+                // Our state changed (forced promotion, invalidate, new UUID): tell
+                // the peer in order (state, then UUIDs and bitmap) and decide again.
+                tx.send(volume.state_frame()).await;
+                my_oos_blocks = send_uuids_and_bitmap(volume, &tx, 0).await;
+                if let Some(p) = peer.filter(|p| p.bitmap_done) {
+                    if !evaluate(link, &p, my_oos_blocks, &mut resync).await {
+                        stand_alone(link, conn, want, stop).await;
                         return;
                     }
                 }
@@ -272,71 +353,165 @@ async fn session(
     }
 }
 
+/// The peer's part of the sync handshake.
+#[derive(Debug, Clone, Copy)]
+struct PeerUuids {
+    uuids: GenerationUuids,
+    bitmap_bits: u64,
+    flags: u64,
+    /// Its whole bitmap arrived (and was merged into ours).
+    bitmap_done: bool,
+}
+
+/// Bitmap words per `BitmapChunk` frame (256 KiB of bitmap = 8 GiB of data).
+const BITMAP_CHUNK_WORDS: usize = 32 * 1024;
+
+/// Sends our UUIDs and the set runs of our bitmap; returns the bit count sent.
+async fn send_uuids_and_bitmap(volume: &Volume, tx: &SenderTx, flags: u64) -> u64 {
+    let frame = volume.uuids_frame(flags);
+    let count = match &frame {
+        Frame::Uuids { bitmap_bits, .. } => *bitmap_bits,
+        _ => 0,
+    };
+    tx.send(frame).await;
+    for (offset_bits, words) in volume.bitmap_chunks(BITMAP_CHUNK_WORDS) {
+        tx.send(Frame::BitmapChunk { offset_bits, words }).await;
+    }
+    tx.send(Frame::BitmapDone).await;
+    count
+}
+
 /// Waits until the watched flag equals `value` (or its sender is gone).
 async fn wait_until(rx: &mut watch::Receiver<bool>, value: bool) {
     // The `Ref` that `wait_for` returns is not `Send`: drop it here.
     let _ = rx.wait_for(|v| *v == value).await.map(|_| ());
 }
 
-/// This node's resync view for the peer (its bitmap count; UUIDs come next).
-fn uuids_frame(volume: &Volume) -> Frame<Bytes> {
-    let view = volume.sync_view();
-    Frame::Uuids {
-        current: 0,
-        bitmap: 0,
-        history: [0, 0],
-        bitmap_bits: view.oos_blocks,
-        flags: 0,
-    }
-}
-
 /// Decides the resync with the peer's latest view; starts it when this node is
-/// the source. Returns false on split brain.
-fn evaluate(link: &Link, peer_oos_blocks: u64, resync: &mut Option<JoinHandle<()>>) -> bool {
+/// the source. Returns false when the connection must be given up (split brain,
+/// unrelated data, a refused direction).
+async fn evaluate(
+    link: &Link,
+    peer: &PeerUuids,
+    my_oos_blocks: u64,
+    resync: &mut Option<JoinHandle<()>>,
+) -> bool {
     let volume = &link.volume;
+    let res = &link.settings.resource;
     let snap = volume.snapshot();
-    let peer = SyncView {
+    let theirs = SyncView {
         role: snap.peer_role,
         disk: snap.peer_disk,
-        oos_blocks: peer_oos_blocks,
+        uuids: peer.uuids,
+        crashed_primary: peer.flags & UUID_FLAG_CRASHED_PRIMARY != 0,
+        discard_my_data: peer.flags & UUID_FLAG_DISCARD_MY_DATA != 0,
+        oos_blocks: peer.bitmap_bits,
     };
-    let mine = volume.sync_view();
-    let decision = decide(mine, peer);
+    let mut mine = volume.sync_view();
+    mine.oos_blocks = my_oos_blocks;
+    let tiebreak = link.settings.node_name < link.settings.peer_name;
+    let decision = decide(&mine, &theirs, link.resync.policy, tiebreak);
     tracing::info!(
-        resource = %link.settings.resource,
-        ?mine,
-        ?peer,
-        ?decision,
-        "resync decision"
+        resource = %res,
+        "resync decision {decision:?}: self {}:{}:{}:{} {} {} bits:{}{}, peer {}:{}:{}:{} {} {} bits:{}{}",
+        format_uuid(mine.uuids.current), format_uuid(mine.uuids.bitmap),
+        format_uuid(mine.uuids.history[0]), format_uuid(mine.uuids.history[1]),
+        mine.role, mine.disk, mine.oos_blocks,
+        if mine.crashed_primary { " crashed-primary" } else { "" },
+        format_uuid(theirs.uuids.current), format_uuid(theirs.uuids.bitmap),
+        format_uuid(theirs.uuids.history[0]), format_uuid(theirs.uuids.history[1]),
+        theirs.role, theirs.disk, theirs.oos_blocks,
+        if theirs.crashed_primary { " crashed-primary" } else { "" },
     );
-    let full = match decision {
-        SyncDecision::SplitBrain => return false,
-        SyncDecision::SourceFull => true,
-        SyncDecision::SourceBitmap => false,
-        SyncDecision::None | SyncDecision::NoData | SyncDecision::Target => return true,
+    let refuse = |reason: String| {
+        tracing::error!(resource = %res, "{reason}");
+        if let Ok(mut g) = link.refusal.lock() {
+            *g = Some(reason);
+        }
+        false
     };
-    if resync.as_ref().is_some_and(|t| !t.is_finished()) {
-        return true;
+    match decision {
+        SyncDecision::None => {
+            volume.settle_in_sync();
+            true
+        }
+        SyncDecision::NoData => true,
+        SyncDecision::TargetFull | SyncDecision::TargetBitmap => {
+            tracing::info!(resource = %res, "becoming SyncTarget ({}), waiting for the peer", if decision.is_full() { "full sync" } else { "bitmap" });
+            true
+        }
+        SyncDecision::SourceFull | SyncDecision::SourceBitmap => {
+            if resync.as_ref().is_some_and(|t| !t.is_finished()) {
+                return true;
+            }
+            let v = volume.clone();
+            *resync = Some(tokio::spawn(run_resync(v, decision.is_full(), link.resync.clone())));
+            true
+        }
+        SyncDecision::SplitBrain { primary_lost } => {
+            run_handler(link, "split-brain").await;
+            if primary_lost {
+                run_handler(link, "pri-lost-after-sb").await;
+            }
+            refuse(
+                "Split-Brain detected: both nodes changed data while apart; dropping the connection, nothing resynced. \
+                 Resolve with `rdbadm secondary` + `rdbadm connect --discard-my-data` on the victim and `rdbadm connect` on the survivor"
+                    .to_string(),
+            )
+        }
+        SyncDecision::Unrelated => refuse(
+            "Unrelated data, aborting! The generation UUIDs of the two nodes have nothing in common; \
+             re-create the meta-data of the node whose data is not wanted (create-md --force) and connect again"
+                .to_string(),
+        ),
+        SyncDecision::Refused(why) => refuse(format!("resync refused: {why}")),
     }
-    let v = volume.clone();
-    let rate = link.resync_rate_bytes_per_s;
-    *resync = Some(tokio::spawn(run_resync(v, full, rate)));
-    true
 }
 
-async fn split_brain(
+/// Runs the configured handler `name` (`handlers { split-brain "cmd"; }`) with the
+/// resource in `DRBD_RESOURCE` / `RDB_RESOURCE` (and the peer's name), bounded.
+async fn run_handler(link: &Link, name: &str) {
+    let Some(cmd) = link.resync.handlers.get(name) else {
+        return;
+    };
+    let s = &link.settings;
+    tracing::warn!(resource = %s.resource, "calling handler {name}: {cmd}");
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("DRBD_RESOURCE", &s.resource)
+        .env("RDB_RESOURCE", &s.resource)
+        .env("DRBD_PEER", &s.peer_name)
+        .env("DRBD_MINOR", "0")
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(HANDLER_TIMEOUT_S), child).await {
+        Ok(Ok(st)) => tracing::info!(resource = %s.resource, "handler {name} exited with {st}"),
+        Ok(Err(e)) => {
+            tracing::error!(resource = %s.resource, "handler {name} failed to start: {e}")
+        }
+        Err(_) => {
+            tracing::error!(resource = %s.resource, "handler {name} killed after {HANDLER_TIMEOUT_S} s")
+        }
+    }
+}
+
+/// Longest a handler may run.
+const HANDLER_TIMEOUT_S: u64 = 60;
+
+/// Gives the connection up and stays StandAlone until the administrator connects.
+async fn stand_alone(
     link: &Link,
     conn: PeerConnection,
     want: &mut watch::Receiver<bool>,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let reason = "Split-Brain detected: both nodes changed data while apart; nothing resynced. \
-                  Resolve with `rdbadm secondary` + `rdbadm connect --discard-my-data` on the victim"
-        .to_string();
-    tracing::error!(resource = %link.settings.resource, "{reason}");
-    if let Ok(mut g) = link.refusal.lock() {
-        *g = Some(reason.clone());
-    }
+    let reason = link
+        .refusal
+        .lock()
+        .ok()
+        .and_then(|g| g.clone())
+        .unwrap_or_else(|| "refused".to_string());
     conn.close(&reason).await;
     link.volume.detach_peer(true);
     tokio::select! {
@@ -350,15 +525,79 @@ const RESYNC_CHUNK_BYTES: u64 = 256 * 1024;
 /// Resync chunks in flight at most.
 const RESYNC_MAX_IN_FLIGHT: usize = 32;
 
-/// Sends every out-of-sync block to the peer at most `rate_bytes_per_s`, then
-/// declares the peer UpToDate. Stops quietly if the link goes (bits stay set).
-async fn run_resync(volume: Arc<Volume>, full: bool, rate_bytes_per_s: u64) {
+/// Period of the resync rate controller.
+const CONTROLLER_PERIOD_MS: u64 = 100;
+
+/// The resync rate: fixed, or DRBD's dynamic controller in its simplest form: up to
+/// `c-max-rate` while applications are idle, `c-min-rate` while they write (the
+/// application's writes on this node are watched every 100 ms).
+struct RateController {
+    settings: ResyncSettings,
+    window_start: std::time::Instant,
+    window_app_written_bytes: u64,
+    app_active: bool,
+    /// Bytes allowed but not sent yet (token bucket, at most one period's worth).
+    budget_bytes: f64,
+    last_refill: std::time::Instant,
+}
+
+impl RateController {
+    fn new(settings: ResyncSettings, app_written_bytes: u64) -> RateController {
+        let now = std::time::Instant::now();
+        RateController {
+            settings,
+            window_start: now,
+            window_app_written_bytes: app_written_bytes,
+            app_active: false,
+            budget_bytes: RESYNC_CHUNK_BYTES as f64,
+            last_refill: now,
+        }
+    }
+
+    fn rate_bytes_per_s(&self) -> u64 {
+        match self.settings.fixed_rate_bytes_per_s {
+            Some(r) => r,
+            None if self.app_active => self.settings.c_min_rate_bytes_per_s,
+            None => self.settings.c_max_rate_bytes_per_s,
+        }
+    }
+
+    /// Waits until `len` bytes may be sent.
+    async fn admit(&mut self, len: u64, app_written_bytes: u64) {
+        loop {
+            let now = std::time::Instant::now();
+            if now.duration_since(self.window_start) >= Duration::from_millis(CONTROLLER_PERIOD_MS)
+            {
+                self.app_active = app_written_bytes > self.window_app_written_bytes;
+                self.window_app_written_bytes = app_written_bytes;
+                self.window_start = now;
+            }
+            let rate = self.rate_bytes_per_s().max(4096) as f64;
+            let dt = now.duration_since(self.last_refill).as_secs_f64();
+            self.last_refill = now;
+            let cap = (rate * CONTROLLER_PERIOD_MS as f64 / 1000.0).max(len as f64);
+            self.budget_bytes = (self.budget_bytes + rate * dt).min(cap);
+            if self.budget_bytes >= len as f64 {
+                self.budget_bytes -= len as f64;
+                return;
+            }
+            let wait_s = (len as f64 - self.budget_bytes) / rate;
+            tokio::time::sleep(Duration::from_secs_f64(wait_s.min(0.1))).await;
+        }
+    }
+}
+
+/// Sends every out-of-sync block (the union of both bitmaps, or every block) to the
+/// peer at the controller's rate, then declares the peer UpToDate. Stops quietly if
+/// the link goes (the bits stay set, on disk too).
+async fn run_resync(volume: Arc<Volume>, full: bool, settings: ResyncSettings) {
     if !volume.start_sync_source(full).await {
         return;
     }
     let started = std::time::Instant::now();
     let mut sent_bytes: u64 = 0;
     let mut cursor = 0u64;
+    let mut rate = RateController::new(settings, volume.snapshot().counters.disk_written_bytes);
     loop {
         if !volume.snapshot().conn.is_connected() {
             return;
@@ -369,13 +608,8 @@ async fn run_resync(volume: Arc<Volume>, full: bool, rate_bytes_per_s: u64) {
         }
         match volume.next_resync_range(cursor, RESYNC_CHUNK_BYTES) {
             Some((offset, len)) => {
-                if rate_bytes_per_s > 0 {
-                    let due = Duration::from_secs_f64(sent_bytes as f64 / rate_bytes_per_s as f64);
-                    let elapsed = started.elapsed();
-                    if due > elapsed {
-                        tokio::time::sleep(due - elapsed).await;
-                    }
-                }
+                rate.admit(len, volume.snapshot().counters.disk_written_bytes)
+                    .await;
                 match volume.resync_chunk(offset, len).await {
                     Ok(true) => {}
                     Ok(false) => return,

@@ -15,9 +15,11 @@ use tokio::task::JoinHandle;
 
 use crate::config::{self, FrontendKind, MetaDisk, ResourceConfig};
 use crate::control::{ResourceStatus, Uuids};
-use crate::daemon::replication::Replication;
+use crate::daemon::replication::{Replication, ResyncSettings};
 use crate::daemon::{nbd_socket_path, DaemonOptions};
 use crate::engine::core::Protocol;
+use crate::engine::sync::SplitBrainPolicy;
+use crate::engine::volume::{lock_md, VolumeMeta};
 use crate::engine::{DiskState, Role, Volume};
 use crate::frontend::fuse::{FuseLoopDevice, FuseLoopOptions};
 use crate::frontend::nbd::{ExportInfo, ExportLookup, ExportResolver, NbdLimits, NbdServer};
@@ -199,18 +201,50 @@ impl Resource {
                 size_bytes: Some(md.layout.data_size_bytes),
             },
         )?;
+        let mut md = md;
         let disk = disk_state_from_flags(md.superblock.flags);
-        let bitmap = meta::Bitmap::load(&md)?;
+        let mut bitmap = meta::Bitmap::load(&md)?;
+        // A node that went away while Primary (PRIMARY_IND still set) crashed: every
+        // extent of its activity log may hold writes the peer never saw.
+        let mut crashed_primary = md.superblock.has_flag(meta::flags::CRASHED_PRIMARY);
+        if md.superblock.has_flag(meta::flags::PRIMARY_IND) {
+            let extents = meta::al::replay(&md)?;
+            let marked = bitmap.set_extents(&extents);
+            tracing::warn!(
+                resource = name,
+                "crashed Primary: {} activity-log extents ({} blocks) marked out of sync",
+                extents.len(),
+                marked
+            );
+            crashed_primary = true;
+            md.superblock.set_flag(meta::flags::CRASHED_PRIMARY, true);
+            md.superblock.set_flag(meta::flags::PRIMARY_IND, false);
+            bitmap.flush_dirty(&md)?;
+            meta::write_superblock(&md)?;
+        }
+        let uuids = md.superblock.uuids;
         let protocol = match cfg.net.protocol {
             config::Protocol::A => Protocol::A,
             config::Protocol::B => Protocol::B,
             config::Protocol::C => Protocol::C,
         };
-        let volume = Arc::new(Volume::new(name, storage, disk, protocol, bitmap));
+        let md = Arc::new(std::sync::Mutex::new(md));
+        let volume = Arc::new(Volume::new(
+            name,
+            storage,
+            disk,
+            protocol,
+            bitmap,
+            VolumeMeta {
+                md: Some(md.clone()),
+                uuids,
+                crashed_primary,
+            },
+        )?);
         tracing::info!(
             resource = name,
             "disk( Diskless -> {disk} ), size {} bytes",
-            md.layout.data_size_bytes
+            lock_md(&md).layout.data_size_bytes
         );
 
         let run_dir = opts.run_dir.clone();
@@ -261,12 +295,23 @@ impl Resource {
             [] => None,
             [peer] => {
                 let settings = peer_settings(&cfg, peer);
-                // A rate set in the configuration is a fixed rate; otherwise the
-                // resync runs up to c-max-rate (DRBD's dynamic controller bound).
-                let rate = if cfg.disk.resync_rate_bytes_per_s != 250 * 1024 {
-                    cfg.disk.resync_rate_bytes_per_s
-                } else {
-                    cfg.disk.c_max_rate_bytes_per_s
+                // A rate set in the configuration (or `c-plan-ahead 0`) is a fixed
+                // rate; otherwise DRBD's dynamic controller between c-min-rate and
+                // c-max-rate.
+                let d = &cfg.disk;
+                let fixed = d.resync_rate_bytes_per_s
+                    != config::DiskConfig::default().resync_rate_bytes_per_s
+                    || d.c_plan_ahead_ms == 0;
+                let rate = ResyncSettings {
+                    policy: SplitBrainPolicy {
+                        zero: cfg.net.after_sb_0pri,
+                        one: cfg.net.after_sb_1pri,
+                        two: cfg.net.after_sb_2pri,
+                    },
+                    handlers: cfg.handlers.clone(),
+                    fixed_rate_bytes_per_s: fixed.then_some(d.resync_rate_bytes_per_s),
+                    c_max_rate_bytes_per_s: d.c_max_rate_bytes_per_s,
+                    c_min_rate_bytes_per_s: d.c_min_rate_bytes_per_s,
                 };
                 let r = Replication::start(volume.clone(), settings, rate)
                     .await
@@ -284,8 +329,7 @@ impl Resource {
                 )))
             }
         };
-        let md = Arc::new(std::sync::Mutex::new(md));
-        let keeper = tokio::spawn(keep_meta(volume.clone(), md.clone()));
+        let keeper = tokio::spawn(keep_meta(volume.clone()));
         let (frontend, frontend_reason) = match choose_frontend(cfg.frontend) {
             Ok(f) => f,
             Err(reason) => ("none", reason),
@@ -319,11 +363,13 @@ impl Resource {
     }
 
     fn persist(&mut self) -> Result<(), ResourceError> {
-        let disk = self.volume.snapshot().disk;
         let mut md = self.md();
-        sync_flags(&mut md, disk);
+        let mut sb = md.superblock.clone();
+        self.volume.fill_superblock(&mut sb);
+        md.superblock = sb;
         meta::write_superblock(&md)?;
-        self.volume.with_bitmap(|b| b.flush_dirty(&md))?;
+        drop(md);
+        self.volume.write_bitmap_blocking()?;
         Ok(())
     }
 
@@ -335,19 +381,9 @@ impl Resource {
         if was.role != Role::Primary {
             tracing::info!(resource = self.name(), "role( {} -> Primary )", was.role);
         }
-        let mut md = self.md();
-        let sb = &mut md.superblock;
-        if forced {
-            // New data generation: this node's data is now authoritative.
-            sb.uuids.history[1] = sb.uuids.history[0];
-            sb.uuids.history[0] = sb.uuids.bitmap;
-            sb.uuids.bitmap = 0;
-            sb.uuids.current = meta::uuid::random_uuid();
-        }
-        sb.flags |=
-            meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE | meta::flags::PRIMARY_IND;
-        sb.flags &= !meta::flags::OUTDATED;
-        drop(md);
+        // The volume made a new data generation if needed (forced, or no peer);
+        // PRIMARY_IND on disk tells the next `up` that a crash left AL extents hot.
+        self.md().superblock.flags |= meta::flags::PRIMARY_IND;
         self.persist()?;
         self.volume.announce_state();
         if forced {
@@ -459,9 +495,17 @@ impl Resource {
     /// `connect`: start (or keep) connecting to the peer.
     pub async fn connect(&mut self, discard_my_data: bool) -> Result<(), ResourceError> {
         if discard_my_data {
-            return Err(ResourceError::Unsupported(
-                "connect --discard-my-data needs split-brain recovery, not in this version".into(),
-            ));
+            if self.volume.snapshot().role == Role::Primary {
+                return Err(ResourceError::Unsupported(
+                    "connect --discard-my-data: this node is Primary; run `rdbadm secondary` first"
+                        .into(),
+                ));
+            }
+            tracing::warn!(
+                resource = self.name(),
+                "discard-my-data: this node loses the next split brain"
+            );
+            self.volume.set_discard_my_data(true);
         }
         match &self.replication {
             Some(r) => {
@@ -500,6 +544,11 @@ impl Resource {
         if let Err(e) = self.volume_storage_flush().await {
             tracing::error!(resource = self.name(), "flush at down failed: {e}");
         }
+        // Every write is on disk and the node is no longer Primary: nothing in the
+        // activity log needs a resync after this.
+        if let Err(e) = self.volume.retire_activity_log().await {
+            tracing::error!(resource = self.name(), "activity log at down: {e}");
+        }
         self.persist()?;
         tracing::info!(
             resource = self.name(),
@@ -519,8 +568,7 @@ impl Resource {
     pub fn status(&self) -> ResourceStatus {
         let snap = self.volume.snapshot();
         let vol = &self.cfg.volumes[0];
-        let md = self.md();
-        let sb = &md.superblock;
+        let uuids = self.volume.uuids();
         ResourceStatus {
             name: self.cfg.name.clone(),
             node: self.cfg.node.clone(),
@@ -550,9 +598,9 @@ impl Resource {
             out_of_sync_bytes: snap.out_of_sync_bytes,
             resync_bytes_total: snap.resync_bytes_total,
             uuids: Uuids {
-                current: hex_uuid(sb.uuids.current),
-                bitmap: hex_uuid(sb.uuids.bitmap),
-                history: sb.uuids.history.iter().map(|u| hex_uuid(*u)).collect(),
+                current: hex_uuid(uuids.current),
+                bitmap: hex_uuid(uuids.bitmap),
+                history: uuids.history.iter().map(|u| hex_uuid(*u)).collect(),
             },
             counters: snap.counters,
             nbd_clients: self.nbd.connection_count(),
@@ -588,51 +636,20 @@ fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSetting
     }
 }
 
-/// Records the disk state in the superblock flags; true when they changed.
-fn sync_flags(md: &mut MetaData, disk: DiskState) -> bool {
-    use meta::flags::{CONSISTENT, OUTDATED, WAS_UP_TO_DATE};
-    let before = md.superblock.flags;
-    let keep = before & !(CONSISTENT | OUTDATED | WAS_UP_TO_DATE);
-    md.superblock.flags = keep
-        | match disk {
-            DiskState::UpToDate => CONSISTENT | WAS_UP_TO_DATE,
-            DiskState::Consistent => CONSISTENT | (before & WAS_UP_TO_DATE),
-            DiskState::Outdated => CONSISTENT | OUTDATED,
-            // Not attached yet or unknown: leave what the disk says.
-            DiskState::Diskless | DiskState::Attaching | DiskState::DUnknown => {
-                before & (CONSISTENT | OUTDATED | WAS_UP_TO_DATE)
-            }
-            DiskState::Inconsistent => 0,
-        };
-    md.superblock.flags != before
-}
-
-/// Interval of the meta-data keeper.
+/// Longest time between two meta-data write-backs (superblock when changed, dirty
+/// bitmap pages): the volume wakes the keeper at once on a state change.
 const META_KEEPER_INTERVAL_MS: u64 = 1000;
 
-/// Writes the disk state to the superblock when it changes (a SyncTarget becomes
-/// Inconsistent on disk within a second of starting). The dirty bitmap is written
-/// at `down`; writing it periodically needs to happen outside the volume's lock
-/// (its fdatasync would stall I/O) and, with the activity log, is the next step.
-async fn keep_meta(volume: Arc<Volume>, md: Arc<std::sync::Mutex<MetaData>>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(META_KEEPER_INTERVAL_MS));
+/// Writes what changed in the volume's meta-data: the superblock (UUIDs, disk state
+/// flags) as soon as it changes, and the dirty bitmap pages at least every second
+/// (bits not yet written are covered by the activity log after a crash).
+async fn keep_meta(volume: Arc<Volume>) {
     loop {
-        tick.tick().await;
-        let disk = volume.snapshot().disk;
-        let md = md.clone();
-        // Superblock and bitmap writes are small synchronous file writes.
-        let r = tokio::task::spawn_blocking(move || -> Result<(), meta::MetaError> {
-            let mut md = md.lock().unwrap_or_else(|p| p.into_inner());
-            if sync_flags(&mut md, disk) {
-                meta::write_superblock(&md)?;
-            }
-            Ok(())
-        })
-        .await;
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("meta-data update failed: {e}"),
-            Err(e) => tracing::error!("meta-data keeper: {e}"),
+        volume
+            .meta_changed(Duration::from_millis(META_KEEPER_INTERVAL_MS))
+            .await;
+        if let Err(e) = volume.persist_meta().await {
+            tracing::error!(resource = volume.name(), "meta-data update failed: {e}");
         }
     }
 }

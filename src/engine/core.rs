@@ -384,6 +384,15 @@ impl Engine {
         }
     }
 
+    /// Sets the disk state by an administrator's decision (`outdate`, `invalidate`,
+    /// `new-current-uuid --clear-bitmap`); the caller checked the preconditions.
+    pub fn force_disk(&mut self, disk: DiskState) {
+        if self.disk != disk {
+            tracing::info!("disk( {} -> {disk} )", self.disk);
+            self.disk = disk;
+        }
+    }
+
     /// Becomes SyncSource (`true`) or SyncTarget (`false`) on a connected link; a
     /// SyncTarget's data is Inconsistent until the resync finishes.
     pub fn start_sync(&mut self, source: bool) {

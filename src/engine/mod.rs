@@ -7,6 +7,7 @@
 //! - [`volume`]: the driver that feeds the engine and carries out its actions, and
 //!   implements [`crate::storage::BlockIo`] for the frontends.
 
+pub mod activity;
 pub mod core;
 pub mod state;
 pub mod sync;

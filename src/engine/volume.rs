@@ -28,16 +28,23 @@ use bytes::Bytes;
 use rdb_protocol::repl::{self, Digest, Frame};
 use tokio::sync::oneshot;
 
+use crate::engine::activity::{AlGate, AlHold};
 use crate::engine::core::{
     AckKind, Action, Counters, Engine, Event, PeerProgress, Protocol, Refusal, ReqId, ReqKind,
 };
 use crate::engine::state::{ConnState, DiskState, Role};
+use crate::engine::sync::SyncView;
 use crate::engine::StateChangeError;
-use crate::meta::Bitmap;
+use crate::meta::bitmap::DirtyPages;
+use crate::meta::{self, Bitmap, GenerationUuids, MetaData, MetaError, Superblock};
 use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
 /// Largest request sent to the peer in one frame; larger writes are split.
 pub const MAX_PEER_REQUEST_BYTES: u64 = repl::MAX_PAYLOAD_BYTES as u64;
+
+/// Largest piece of a discard or write-zeroes request (64 activity-log extents):
+/// larger ones are split so that one request never needs the whole activity log.
+pub const MAX_TRIM_PIECE_BYTES: u64 = 256 << 20;
 
 /// Where the volume sends frames for its peer: the connection's bounded queue.
 pub trait PeerTx: Send + Sync {
@@ -66,6 +73,8 @@ struct PeerWork {
     len_bytes: u64,
     payload: Option<Bytes>,
     fua: bool,
+    /// A resync write: its blocks are in sync once written.
+    resync: bool,
 }
 
 struct Inner {
@@ -78,12 +87,57 @@ struct Inner {
     resync_inflight: HashMap<ReqId, (u64, u64)>,
     /// Bytes sent (SyncSource) or received (SyncTarget) by resync since `up`.
     resync_bytes_total: u64,
+    /// Generation UUIDs of this node's data.
+    uuids: GenerationUuids,
+    /// Crashed while Primary; cleared by the next resync or an in-sync connect.
+    crashed_primary: bool,
+    /// `connect --discard-my-data`: this node is the victim of the next split brain.
+    discard_my_data: bool,
+    /// The peer's generation UUIDs, from its last `Uuids` frame.
+    peer_uuids: Option<GenerationUuids>,
+    /// Progress of the current resync (both sides), for status.
+    resync: Option<ResyncProgress>,
+    /// Bitmap pages written since `up` (counter `bm`).
+    bm_pages_written: u64,
+}
+
+/// A running resync, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResyncProgress {
+    /// Out-of-sync bytes when it started.
+    pub total_bytes: u64,
+    /// Start, in ms since the volume came up.
+    pub started_ms: u64,
+    /// This node sends.
+    pub source: bool,
+}
+
+/// Meta-data state a volume starts with (from the superblock, after AL replay).
+pub struct VolumeMeta {
+    /// The meta-data (for the activity log and bitmap write-back); None for a
+    /// volume without meta-data (tests).
+    pub md: Option<Arc<Mutex<MetaData>>>,
+    /// Generation UUIDs.
+    pub uuids: GenerationUuids,
+    /// Crashed while Primary (the activity log was replayed into the bitmap).
+    pub crashed_primary: bool,
 }
 
 /// `State` frame flag: the sender starts a resync as SyncSource.
 pub const STATE_FLAG_SYNC_START: u32 = 1;
 /// `State` frame flag: the sender finished its resync as SyncSource.
 pub const STATE_FLAG_SYNC_DONE: u32 = 2;
+/// `State` frame flag (with SYNC_START): every block is resynced.
+pub const STATE_FLAG_SYNC_FULL: u32 = 4;
+
+/// `Uuids` frame flag: the sender crashed while Primary (its AL extents are marked).
+pub const UUID_FLAG_CRASHED_PRIMARY: u64 = 1;
+/// `Uuids` frame flag: the sender discards its data in a split brain.
+pub const UUID_FLAG_DISCARD_MY_DATA: u64 = 2;
+/// `Uuids` frame flag: information only (end of a resync), no new decision.
+pub const UUID_FLAG_INFO_ONLY: u64 = 4;
+/// `Uuids` frame flag: `new-current-uuid --clear-bitmap`: adopt, no initial sync.
+pub const UUID_FLAG_SKIP_SYNC: u64 = 8;
 
 /// Work collected under the lock, carried out after it is released.
 enum Deferred {
@@ -132,6 +186,12 @@ pub struct Volume {
     name: String,
     storage: Arc<dyn BlockIo>,
     inner: Mutex<Inner>,
+    /// The activity log (Primary writes), when the volume has meta-data.
+    al: Option<AlGate>,
+    /// The meta-data (shared with the resource), for bitmap and superblock writes.
+    md: Option<Arc<Mutex<MetaData>>>,
+    /// Woken when meta-data changed in memory (UUIDs, flags, bitmap to write).
+    meta_changed: tokio::sync::Notify,
     next_id: AtomicU64,
     epoch: Instant,
 }
@@ -193,9 +253,15 @@ impl Volume {
         disk: DiskState,
         protocol: Protocol,
         bitmap: Bitmap,
-    ) -> Volume {
+        meta: VolumeMeta,
+    ) -> Result<Volume, MetaError> {
         let size_bytes = storage.size_bytes();
-        Volume {
+        let al = meta
+            .md
+            .as_ref()
+            .map(|md| AlGate::new(lock_md(md).clone()))
+            .transpose()?;
+        Ok(Volume {
             name: name.to_string(),
             storage,
             inner: Mutex::new(Inner {
@@ -206,10 +272,19 @@ impl Volume {
                 bitmap,
                 resync_inflight: HashMap::new(),
                 resync_bytes_total: 0,
+                uuids: meta.uuids,
+                crashed_primary: meta.crashed_primary,
+                discard_my_data: false,
+                peer_uuids: None,
+                resync: None,
+                bm_pages_written: 0,
             }),
+            al,
+            md: meta.md,
+            meta_changed: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
-        }
+        })
     }
 
     /// The resource name.
@@ -231,13 +306,289 @@ impl Volume {
     }
 
     /// Promotes this node (see [`Engine::promote`]); returns whether data was forced.
+    /// A forced promotion, or one without a connected peer, starts a new data
+    /// generation (new current UUID), as DRBD does.
     pub fn promote(&self, force: bool) -> Result<bool, StateChangeError> {
-        self.lock().engine.promote(force)
+        let mut g = self.lock();
+        let forced = g.engine.promote(force)?;
+        if forced || !g.engine.conn().is_connected() {
+            let old = g.uuids;
+            g.uuids.new_current();
+            tracing::info!(
+                resource = %self.name,
+                "new current UUID {} (was {}), bitmap UUID {}",
+                meta::uuid::format_uuid(g.uuids.current),
+                meta::uuid::format_uuid(old.current),
+                meta::uuid::format_uuid(g.uuids.bitmap)
+            );
+        }
+        g.uuids.current |= 1;
+        drop(g);
+        self.meta_changed.notify_one();
+        Ok(forced)
     }
 
     /// Demotes this node.
     pub fn demote(&self) -> Result<(), StateChangeError> {
-        self.lock().engine.demote()
+        let mut g = self.lock();
+        g.engine.demote()?;
+        g.uuids.current &= !1;
+        drop(g);
+        self.meta_changed.notify_one();
+        Ok(())
+    }
+
+    /// The generation UUIDs of this node's data.
+    pub fn uuids(&self) -> GenerationUuids {
+        self.lock().uuids
+    }
+
+    /// Whether this node crashed while Primary and has not resynced since.
+    pub fn crashed_primary(&self) -> bool {
+        self.lock().crashed_primary
+    }
+
+    /// `connect --discard-my-data`: lose the next split brain.
+    pub fn set_discard_my_data(&self, on: bool) {
+        self.lock().discard_my_data = on;
+    }
+
+    /// Records the peer's generation UUIDs.
+    pub fn set_peer_uuids(&self, uuids: GenerationUuids) {
+        self.lock().peer_uuids = Some(uuids);
+    }
+
+    /// The connection is in sync with nothing to resync: a crash's AL marks are
+    /// settled and the bitmap no longer tracks a divergence.
+    pub fn settle_in_sync(&self) {
+        let mut g = self.lock();
+        g.crashed_primary = false;
+        g.discard_my_data = false;
+        if g.bitmap.count_set() == 0 {
+            g.uuids.clear_bitmap_uuid();
+        }
+        drop(g);
+        self.meta_changed.notify_one();
+    }
+
+    /// `new-current-uuid`: starts a new data generation. With `clear_bitmap` on a
+    /// fresh, connected pair (both Inconsistent, just created), the data is declared
+    /// UpToDate on both sides without an initial sync; returns the new UUID.
+    pub fn new_current_uuid(&self, clear_bitmap: bool) -> u64 {
+        let mut g = self.lock();
+        g.uuids.new_current();
+        if g.engine.role() == Role::Primary {
+            g.uuids.current |= 1;
+        }
+        if clear_bitmap {
+            g.bitmap.clear_all();
+            g.uuids.bitmap = 0;
+            g.engine.force_disk(DiskState::UpToDate);
+        }
+        let current = g.uuids.current;
+        drop(g);
+        self.meta_changed.notify_one();
+        current
+    }
+
+    /// Adopts the peer's current generation (the peer declared a new UUID with
+    /// `--clear-bitmap` on a fresh pair): our data is UpToDate too.
+    pub fn adopt_skip_sync(&self, current: u64) {
+        let mut g = self.lock();
+        g.uuids.current = current & !1;
+        g.uuids.bitmap = 0;
+        g.bitmap.clear_all();
+        g.engine.force_disk(DiskState::UpToDate);
+        drop(g);
+        self.meta_changed.notify_one();
+    }
+
+    /// `outdate`: a Secondary's data is marked Outdated.
+    pub fn outdate(&self) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.engine.role() == Role::Primary {
+            return Err("State change failed: (-7) Refusing to outdate a Primary".into());
+        }
+        if !matches!(
+            g.engine.disk(),
+            DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+        ) {
+            return Err(format!(
+                "State change failed: (-2) disk is {}: nothing to outdate",
+                g.engine.disk()
+            ));
+        }
+        if g.engine.conn().is_connected() && g.engine.peer().0 == Role::Primary {
+            return Err("State change failed: (-10) State change was refused by peer node (connected to a Primary)".into());
+        }
+        g.engine.force_disk(DiskState::Outdated);
+        drop(g);
+        self.meta_changed.notify_one();
+        Ok(())
+    }
+
+    /// `invalidate`: every block of this node is out of sync; the data is
+    /// Inconsistent until a full resync from the peer.
+    pub fn invalidate(&self) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.engine.role() == Role::Primary {
+            return Err("State change failed: (-16) Primary cannot become SyncTarget in this version: demote first".into());
+        }
+        if !g.engine.conn().is_connected() || !g.engine.peer().1.is_usable() {
+            return Err("State change failed: (-15) Need a connection to a peer with UpToDate data to start a resync".into());
+        }
+        g.bitmap.set_all();
+        g.engine.force_disk(DiskState::Inconsistent);
+        // Our data no longer carries a generation: the peer's UUIDs decide.
+        g.uuids.current = meta::uuid::UUID_JUST_CREATED;
+        g.uuids.bitmap = 0;
+        drop(g);
+        self.meta_changed.notify_one();
+        Ok(())
+    }
+
+    /// Waits until meta-data changed in memory (or `timeout`).
+    pub async fn meta_changed(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.meta_changed.notified()).await;
+    }
+
+    /// Asks the meta-data keeper to write what changed now.
+    pub fn poke_meta(&self) {
+        self.meta_changed.notify_one();
+    }
+
+    /// Copies what the volume keeps (UUIDs, disk state, crash flag) into `sb`;
+    /// returns whether `sb` changed.
+    pub fn fill_superblock(&self, sb: &mut Superblock) -> bool {
+        use meta::flags::{CONSISTENT, CRASHED_PRIMARY, OUTDATED, WAS_UP_TO_DATE};
+        let g = self.lock();
+        let before = (sb.flags, sb.uuids);
+        sb.uuids = g.uuids;
+        let keep = sb.flags & !(CONSISTENT | OUTDATED | WAS_UP_TO_DATE | CRASHED_PRIMARY);
+        let disk_bits = match g.engine.disk() {
+            DiskState::UpToDate => CONSISTENT | WAS_UP_TO_DATE,
+            DiskState::Consistent => CONSISTENT | (sb.flags & WAS_UP_TO_DATE),
+            DiskState::Outdated => CONSISTENT | OUTDATED,
+            DiskState::Diskless | DiskState::Attaching | DiskState::DUnknown => {
+                sb.flags & (CONSISTENT | OUTDATED | WAS_UP_TO_DATE)
+            }
+            DiskState::Inconsistent => 0,
+        };
+        let crash_bit = if g.crashed_primary {
+            CRASHED_PRIMARY
+        } else {
+            0
+        };
+        sb.flags = keep | disk_bits | crash_bit;
+        (sb.flags, sb.uuids) != before
+    }
+
+    /// Writes the superblock (when the UUIDs, flags or disk state changed) and the
+    /// dirty bitmap pages, outside the volume lock.
+    pub async fn persist_meta(&self) -> Result<(), MetaError> {
+        self.write_bitmap().await?;
+        let Some(md) = self.md.clone() else {
+            return Ok(());
+        };
+        let snapshot = {
+            let mut md = lock_md(&md);
+            let mut sb = md.superblock.clone();
+            if !self.fill_superblock(&mut sb) {
+                return Ok(());
+            }
+            md.superblock = sb;
+            md.clone()
+        };
+        tokio::task::spawn_blocking(move || meta::write_superblock(&snapshot))
+            .await
+            .map_err(|e| MetaError::InvalidArgument(format!("superblock writer: {e}")))?
+    }
+
+    /// Writes the dirty bitmap pages to the meta-data (outside the volume lock).
+    pub async fn write_bitmap(&self) -> Result<u64, MetaError> {
+        let Some(md) = self.md.as_ref().map(|m| lock_md(m).clone()) else {
+            return Ok(0);
+        };
+        let pages = {
+            let mut g = self.lock();
+            g.bitmap.take_dirty_pages(&md)?
+        };
+        if pages.is_empty() {
+            return Ok(0);
+        }
+        let (md2, pages) = (md, Arc::new(pages));
+        let p2 = pages.clone();
+        let r = tokio::task::spawn_blocking(move || p2.write(&md2)).await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => Err(MetaError::InvalidArgument(format!("bitmap writer: {e}"))),
+        };
+        match r {
+            Ok(n) => {
+                self.lock().bm_pages_written += n;
+                Ok(n)
+            }
+            Err(e) => {
+                self.lock().bitmap.restore_dirty_pages(&pages);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the bitmap synchronously (`down`, from a blocking context).
+    pub fn write_bitmap_blocking(&self) -> Result<u64, MetaError> {
+        let Some(md) = self.md.as_ref().map(|m| lock_md(m).clone()) else {
+            return Ok(0);
+        };
+        let pages: DirtyPages = self.lock().bitmap.take_dirty_pages(&md)?;
+        match pages.write(&md) {
+            Ok(n) => {
+                self.lock().bm_pages_written += n;
+                Ok(n)
+            }
+            Err(e) => {
+                self.lock().bitmap.restore_dirty_pages(&pages);
+                Err(e)
+            }
+        }
+    }
+
+    /// Empties the activity log (clean demotion, `down`).
+    pub async fn retire_activity_log(&self) -> Result<(), MetaError> {
+        match &self.al {
+            Some(al) => al.retire_idle().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The activity-log hold for a Primary's write (None without meta-data).
+    async fn al_begin(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<Option<AlHold<'_>>, IoError> {
+        let Some(al) = &self.al else {
+            return Ok(None);
+        };
+        if self.lock().engine.role() != Role::Primary || len_bytes == 0 {
+            return Ok(None);
+        }
+        al.begin(offset_bytes, len_bytes, || async {
+            self.write_bitmap().await.map(|_| ())
+        })
+        .await
+        .map(Some)
+        .map_err(|e| IoError::Io(std::io::Error::other(format!("activity log: {e}"))))
+    }
+
+    /// Resync progress, if a resync runs.
+    pub fn resync_progress(&self) -> Option<ResyncProgress> {
+        self.lock().resync
+    }
+
+    /// Milliseconds since the volume came up.
+    pub fn uptime_ms(&self) -> u64 {
+        self.now_ms()
     }
 
     /// A snapshot for status.
@@ -250,7 +601,11 @@ impl Volume {
             conn: g.engine.conn(),
             peer_role,
             peer_disk,
-            counters: g.engine.counters(),
+            counters: Counters {
+                al_writes: self.al.as_ref().map_or(0, |al| al.transactions_written()),
+                bm_writes: g.bm_pages_written,
+                ..g.engine.counters()
+            },
             size_bytes: g.engine.size_bytes(),
             out_of_sync_bytes: g.bitmap.out_of_sync_bytes(),
             resync_bytes_total: g.resync_bytes_total,
@@ -278,40 +633,120 @@ impl Volume {
     }
 
     /// What this node brings to a resync decision.
-    pub fn sync_view(&self) -> crate::engine::sync::SyncView {
+    pub fn sync_view(&self) -> SyncView {
         let g = self.lock();
-        crate::engine::sync::SyncView {
+        SyncView {
             role: g.engine.role(),
             disk: g.engine.disk(),
+            uuids: g.uuids,
+            crashed_primary: g.crashed_primary,
+            discard_my_data: g.discard_my_data,
             oos_blocks: g.bitmap.count_set(),
         }
     }
 
-    /// Starts a resync as SyncSource (`full`: every block) and tells the peer.
+    /// Merges the peer's bitmap words into ours (the resync sends the union).
+    pub fn merge_peer_bitmap(&self, offset_bits: u64, words: &[u64]) -> Result<u64, MetaError> {
+        self.lock().bitmap.or_words(offset_bits, words)
+    }
+
+    /// The non-zero runs of our bitmap as `(offset_bits, words)` chunks of at most
+    /// `max_words` words, for the peer.
+    pub fn bitmap_chunks(&self, max_words: usize) -> Vec<(u64, Vec<u64>)> {
+        let g = self.lock();
+        let words = g.bitmap.words();
+        let mut chunks = Vec::new();
+        let mut i = 0;
+        while i < words.len() {
+            if words[i] == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            let mut end = i;
+            // Extend over short gaps of zero words, up to max_words.
+            while end < words.len() && end - start < max_words {
+                if words[end] != 0 {
+                    end += 1;
+                } else if words[end..words.len().min(end + 8)].iter().any(|&w| w != 0) {
+                    end += 1;
+                } else {
+                    break;
+                }
+            }
+            chunks.push(((start * 64) as u64, words[start..end].to_vec()));
+            i = end;
+        }
+        chunks
+    }
+
+    /// Starts a resync as SyncSource (`full`: every block) and tells the peer. The
+    /// bitmap (the union of both nodes' bits, or every bit) is written to disk first,
+    /// so a crash during the resync resumes it instead of forgetting blocks.
     pub async fn start_sync_source(&self, full: bool) -> bool {
-        let tx = {
+        {
             let mut g = self.lock();
             if full {
                 g.bitmap.set_all();
             }
+        }
+        if let Err(e) = self.write_bitmap().await {
+            tracing::error!(resource = %self.name, "cannot write the bitmap before the resync: {e}");
+            return false;
+        }
+        let tx = {
+            let mut g = self.lock();
             g.engine.start_sync(true);
+            g.discard_my_data = false;
+            let total_bytes = g.bitmap.out_of_sync_bytes();
+            g.resync = Some(ResyncProgress {
+                total_bytes,
+                started_ms: self.now_ms(),
+                source: true,
+            });
             g.peer_tx.clone()
         };
+        let flags = STATE_FLAG_SYNC_START | if full { STATE_FLAG_SYNC_FULL } else { 0 };
         match tx {
-            Some(tx) => tx.send(self.state_frame_with(STATE_FLAG_SYNC_START)).await,
+            Some(tx) => tx.send(self.state_frame_with(flags)).await,
             None => false,
         }
     }
 
-    /// Ends a resync as SyncSource and tells the peer its data is now UpToDate.
+    /// Ends a resync as SyncSource and tells the peer its data is now UpToDate (with
+    /// our UUIDs first, which the peer adopts).
     pub async fn finish_sync_source(&self) {
         let tx = {
             let mut g = self.lock();
             g.engine.finish_sync();
+            g.resync = None;
+            g.crashed_primary = false;
+            g.uuids.clear_bitmap_uuid();
             g.peer_tx.clone()
         };
+        self.meta_changed.notify_one();
         if let Some(tx) = tx {
+            tx.send(self.uuids_frame(UUID_FLAG_INFO_ONLY)).await;
             tx.send(self.state_frame_with(STATE_FLAG_SYNC_DONE)).await;
+        }
+    }
+
+    /// This node's UUIDs as a frame for the peer.
+    pub fn uuids_frame(&self, flags: u64) -> Frame<Bytes> {
+        let g = self.lock();
+        let mut flags = flags;
+        if g.crashed_primary {
+            flags |= UUID_FLAG_CRASHED_PRIMARY;
+        }
+        if g.discard_my_data {
+            flags |= UUID_FLAG_DISCARD_MY_DATA;
+        }
+        Frame::Uuids {
+            current: g.uuids.current,
+            bitmap: g.uuids.bitmap,
+            history: g.uuids.history,
+            bitmap_bits: g.bitmap.count_set(),
+            flags,
         }
     }
 
@@ -391,7 +826,22 @@ impl Volume {
             Event::PeerLost
         };
         let deferred = self.step(&mut g, event);
+        g.peer_uuids = None;
+        g.resync = None;
+        if g.engine.role() == Role::Primary {
+            // The Primary goes on without its peer: a new data generation; the
+            // bitmap records the changes since the old one.
+            g.uuids.new_current();
+            g.uuids.current |= 1;
+            tracing::info!(
+                resource = %self.name,
+                "new current UUID {} (peer lost), bitmap UUID {}",
+                meta::uuid::format_uuid(g.uuids.current),
+                meta::uuid::format_uuid(g.uuids.bitmap)
+            );
+        }
         drop(g);
+        self.meta_changed.notify_one();
         self.spawn_deferred(deferred);
     }
 
@@ -422,6 +872,7 @@ impl Volume {
                     len_bytes: u64::from(len),
                     payload: (kind == ReqKind::Write).then_some(payload),
                     fua: flags & repl::DATA_FUA != 0,
+                    resync: false,
                 };
                 self.lock().peer_work.insert(request_id, work);
                 Event::PeerRequest {
@@ -438,6 +889,7 @@ impl Volume {
                     len_bytes: 0,
                     payload: None,
                     fua: false,
+                    resync: false,
                 };
                 self.lock().peer_work.insert(id, work);
                 Event::PeerRequest {
@@ -478,6 +930,7 @@ impl Volume {
                     len_bytes: u64::from(len),
                     payload: Some(payload),
                     fua: false,
+                    resync: true,
                 };
                 let mut g = self.lock();
                 g.peer_work.insert(id, work);
@@ -514,13 +967,44 @@ impl Volume {
             Frame::State {
                 role, disk, flags, ..
             } => {
-                let mut g = self.lock();
                 if flags & STATE_FLAG_SYNC_START != 0 {
-                    g.engine.start_sync(false);
-                    g.bitmap.clear_all();
+                    {
+                        let mut g = self.lock();
+                        if flags & STATE_FLAG_SYNC_FULL != 0 {
+                            g.bitmap.set_all();
+                        }
+                        g.engine.start_sync(false);
+                        g.discard_my_data = false;
+                        let total_bytes = g.bitmap.out_of_sync_bytes();
+                        g.resync = Some(ResyncProgress {
+                            total_bytes,
+                            started_ms: self.now_ms(),
+                            source: false,
+                        });
+                    }
+                    // Inconsistent, with the blocks still to come, on disk before
+                    // the first resync write lands.
+                    if let Err(e) = self.persist_meta().await {
+                        tracing::error!(resource = %self.name, "cannot persist meta-data at resync start: {e}");
+                    }
                 }
+                let mut g = self.lock();
                 if flags & STATE_FLAG_SYNC_DONE != 0 {
                     g.engine.finish_sync();
+                    g.resync = None;
+                    // Our data is now the source's generation.
+                    if let Some(peer) = g.peer_uuids {
+                        g.uuids.current = peer.current & !1;
+                        g.uuids.clear_bitmap_uuid();
+                        if g.engine.role() == Role::Primary {
+                            g.uuids.current |= 1;
+                        }
+                    }
+                    g.crashed_primary = false;
+                    // Blocks the source had in sync but we still marked (a resync
+                    // write lost to a crash was resent) are settled now.
+                    g.bitmap.clear_all();
+                    self.meta_changed.notify_one();
                 }
                 if flags & (STATE_FLAG_SYNC_START | STATE_FLAG_SYNC_DONE) != 0 {
                     // Our disk state changed: the peer shows it in its status.
@@ -531,8 +1015,20 @@ impl Volume {
                         flags: 0,
                         size_bytes: g.engine.size_bytes(),
                     };
+                    // After a resync our UUIDs changed too: they go first, so the
+                    // peer decides again (if it does) with what we hold now.
+                    let uuids = (flags & STATE_FLAG_SYNC_DONE != 0).then(|| Frame::Uuids {
+                        current: g.uuids.current,
+                        bitmap: g.uuids.bitmap,
+                        history: g.uuids.history,
+                        bitmap_bits: g.bitmap.count_set(),
+                        flags: UUID_FLAG_INFO_ONLY,
+                    });
                     if let Some(tx) = tx {
                         tokio::spawn(async move {
+                            if let Some(u) = uuids {
+                                tx.send(u).await;
+                            }
                             tx.send(frame).await;
                         });
                     }
@@ -568,13 +1064,20 @@ impl Volume {
     async fn apply_peer_request(&self, peer_id: u64) -> Vec<Deferred> {
         let work = {
             let mut g = self.lock();
-            g.peer_work
-                .get_mut(&peer_id)
-                .map(|w| (w.kind, w.offset_bytes, w.len_bytes, w.payload.take(), w.fua))
+            g.peer_work.get_mut(&peer_id).map(|w| {
+                (
+                    w.kind,
+                    w.offset_bytes,
+                    w.len_bytes,
+                    w.payload.take(),
+                    w.fua,
+                    w.resync,
+                )
+            })
         };
         let result = match work {
             None => Err(libc::ECANCELED),
-            Some((kind, offset, len, payload, fua)) => {
+            Some((kind, offset, len, payload, fua, resync)) => {
                 let r = match kind {
                     ReqKind::Write => match payload {
                         Some(data) => self.storage.write_at(offset, data, fua).await,
@@ -585,6 +1088,11 @@ impl Volume {
                     ReqKind::Zeroes => self.storage.write_zeroes(offset, len, true).await,
                     ReqKind::Read | ReqKind::Resync => Err(IoError::Invalid("peer read".into())),
                 };
+                if r.is_ok() && resync {
+                    if let Err(e) = self.lock().bitmap.clear_range(offset, len) {
+                        tracing::error!(resource = %self.name, "bitmap: {e}");
+                    }
+                }
                 r.map_err(|e| {
                     tracing::error!(resource = %self.name, offset, len, "applying a peer write failed: {e}");
                     e.errno()
@@ -716,6 +1224,13 @@ impl Volume {
         len_bytes: u64,
         op: LocalOp,
     ) -> Result<Option<Vec<u8>>, IoError> {
+        // The extents a write touches are in the on-disk activity log before it
+        // reaches the disk; the hold ends when this request does.
+        let _al_hold = if kind.is_write() {
+            self.al_begin(offset_bytes, len_bytes).await?
+        } else {
+            None
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (go_tx, go_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -897,6 +1412,12 @@ impl Volume {
     }
 }
 
+/// Locks shared meta-data; a poisoned lock (a panic while holding it) still holds a
+/// coherent copy: the writers replace whole fields.
+pub fn lock_md(md: &Mutex<MetaData>) -> MutexGuard<'_, MetaData> {
+    md.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Reports a cancelled local request to the engine if the future is dropped.
 struct CancelGuard<'a> {
     volume: &'a Volume,
@@ -960,7 +1481,7 @@ impl BlockIo for Volume {
             self.check_range(offset, len)?;
             let mut done = 0u64;
             while done < len {
-                let n = (len - done).min(u64::from(u32::MAX) & !4095);
+                let n = (len - done).min(MAX_TRIM_PIECE_BYTES);
                 self.submit(ReqKind::Discard, offset + done, n, LocalOp::Discard(n))
                     .await?;
                 done += n;
@@ -974,7 +1495,7 @@ impl BlockIo for Volume {
             self.check_range(offset, len)?;
             let mut done = 0u64;
             while done < len {
-                let n = (len - done).min(u64::from(u32::MAX) & !4095);
+                let n = (len - done).min(MAX_TRIM_PIECE_BYTES);
                 self.submit(
                     ReqKind::Zeroes,
                     offset + done,

@@ -253,19 +253,77 @@ impl Bitmap {
     /// Writes the dirty pages to `md`'s bitmap (contiguous dirty pages in one write),
     /// fdatasyncs, and marks them clean. Returns the number of pages written.
     pub fn flush_dirty(&mut self, md: &MetaData) -> Result<u64, MetaError> {
+        let pages = self.take_dirty_pages(md)?;
+        match pages.write(md) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.restore_dirty_pages(&pages);
+                Err(e)
+            }
+        }
+    }
+
+    /// The bitmap as little-endian-bit words: bit `i` of word `j` is block `64*j + i`.
+    pub fn words(&self) -> &[u64] {
+        self.bits.as_raw_slice()
+    }
+
+    /// Sets every bit set in `words` (bit `i` of `words[j]` is block
+    /// `offset_bits + 64*j + i`; `offset_bits` is a multiple of 64). Bits past the end
+    /// of the data are ignored. Returns the number of bits that changed.
+    pub fn or_words(&mut self, offset_bits: u64, words: &[u64]) -> Result<u64, MetaError> {
+        if offset_bits % 64 != 0 {
+            return Err(MetaError::InvalidArgument(format!(
+                "bitmap chunk at bit {offset_bits} is not word aligned"
+            )));
+        }
+        let first_word = (offset_bits / 64) as usize;
+        let raw_len = self.bits.as_raw_slice().len();
+        if first_word > raw_len || words.len() > raw_len - first_word {
+            return Err(MetaError::OutOfRange {
+                offset_bytes: offset_bits * BLOCK_SIZE_BYTES,
+                len_bytes: words.len() as u64 * 64 * BLOCK_SIZE_BYTES,
+                size_bytes: self.data_size_bytes,
+            });
+        }
+        let bit_len = self.bits.len();
+        let mut changed = 0u64;
+        for (i, &w) in words.iter().enumerate() {
+            let index = first_word + i;
+            let mut w = w;
+            if (index + 1) * 64 > bit_len {
+                let keep = bit_len.saturating_sub(index * 64);
+                w &= if keep >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << keep) - 1
+                };
+            }
+            let raw = self.bits.as_raw_mut_slice();
+            let added = w & !raw[index];
+            if added != 0 {
+                raw[index] |= added;
+                changed += u64::from(added.count_ones());
+                let block = index * 64;
+                self.mark_dirty(block, block + 64);
+            }
+        }
+        self.set_count += changed;
+        Ok(changed)
+    }
+
+    /// Encodes the dirty pages (contiguous ones in runs of at most 1 MiB) and marks
+    /// them clean, so they can be written without holding the bitmap: a caller that
+    /// fails to write them calls [`Bitmap::restore_dirty_pages`].
+    pub fn take_dirty_pages(&mut self, md: &MetaData) -> Result<DirtyPages, MetaError> {
         if md.layout.data_size_bytes != self.data_size_bytes {
             return Err(MetaError::InvalidArgument(format!(
                 "bitmap covers {} bytes, meta-data {} bytes",
                 self.data_size_bytes, md.layout.data_size_bytes
             )));
         }
-        if self.dirty_pages.not_any() {
-            return Ok(0);
-        }
-        let file = md.open_rw()?;
         const MAX_RUN_PAGES: usize = 256;
-        let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE_SIZE_BYTES as usize];
-        let mut written = 0u64;
+        let mut runs = Vec::new();
         let mut page = 0usize;
         while let Some(first) = self.dirty_pages[page..].first_one().map(|i| i + page) {
             let run_end = self.dirty_pages[first..]
@@ -273,21 +331,64 @@ impl Bitmap {
                 .map_or(self.dirty_pages.len(), |i| i + first)
                 .min(first + MAX_RUN_PAGES);
             let pages = run_end - first;
+            let mut buf = vec![0u8; pages * PAGE_SIZE_BYTES as usize];
             for i in 0..pages {
                 let start = i * PAGE_SIZE_BYTES as usize;
                 self.encode_page(first + i, &mut buf[start..start + PAGE_SIZE_BYTES as usize]);
             }
-            md.write_region(
-                &file,
-                &buf[..pages * PAGE_SIZE_BYTES as usize],
-                md.layout.bitmap_offset_bytes + first as u64 * PAGE_SIZE_BYTES,
-            )?;
-            written += pages as u64;
+            runs.push((first as u64, buf));
             page = run_end;
         }
-        md.sync(&file)?;
         self.dirty_pages.fill(false);
-        Ok(written)
+        Ok(DirtyPages { runs })
+    }
+
+    /// Marks the pages of `pages` dirty again (their write failed).
+    pub fn restore_dirty_pages(&mut self, pages: &DirtyPages) {
+        for (first, buf) in &pages.runs {
+            let count = buf.len() / PAGE_SIZE_BYTES as usize;
+            let first = *first as usize;
+            self.dirty_pages[first..first + count].fill(true);
+        }
+    }
+}
+
+/// Encoded bitmap pages taken from a [`Bitmap`], to be written to the meta-data.
+#[derive(Debug, Default)]
+pub struct DirtyPages {
+    /// (first page index, encoded pages).
+    runs: Vec<(u64, Vec<u8>)>,
+}
+
+impl DirtyPages {
+    /// Number of pages.
+    pub fn page_count(&self) -> u64 {
+        self.runs
+            .iter()
+            .map(|(_, b)| b.len() as u64 / PAGE_SIZE_BYTES)
+            .sum()
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Writes the pages to `md`'s bitmap area and fdatasyncs; returns the page count.
+    pub fn write(&self, md: &MetaData) -> Result<u64, MetaError> {
+        if self.runs.is_empty() {
+            return Ok(0);
+        }
+        let file = md.open_rw()?;
+        for (first, buf) in &self.runs {
+            md.write_region(
+                &file,
+                buf,
+                md.layout.bitmap_offset_bytes + first * PAGE_SIZE_BYTES,
+            )?;
+        }
+        md.sync(&file)?;
+        Ok(self.page_count())
     }
 }
 
