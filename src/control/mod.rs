@@ -75,6 +75,33 @@ pub enum Command {
     },
     /// Stop the daemon (after `down` of every resource).
     Shutdown,
+    /// An administrative action on a resource (changes state).
+    Admin {
+        /// Resource name.
+        resource: String,
+        /// What to do.
+        action: AdminAction,
+    },
+}
+
+/// Administrative actions of `rdbadm` beyond up/down/role changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdminAction {
+    /// Discard this node's data: full sync from the peer.
+    Invalidate,
+    /// Discard the peer's data: full sync to the peer.
+    InvalidateRemote,
+    /// Start a new data generation; with `clear_bitmap` on a fresh connected pair,
+    /// skip the initial sync.
+    NewCurrentUuid {
+        /// Skip the initial sync (both disks must be new).
+        clear_bitmap: bool,
+    },
+    /// Mark a Secondary's data Outdated.
+    Outdate,
+    /// Start online verify against the peer.
+    Verify,
 }
 
 /// A request line.
@@ -179,6 +206,47 @@ pub struct ResourceStatus {
     pub counters: Counters,
     /// Number of NBD clients connected.
     pub nbd_clients: usize,
+    /// The resync in progress (SyncSource or SyncTarget), if any.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
+    /// The online verify this node runs (VerifyS), if any.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
+    /// Crashed while Primary and not resynced since (activity log replayed).
+    #[serde(default)]
+    pub crashed_primary: bool,
+}
+
+/// Progress of a resync, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// This node sends (SyncSource) or receives (SyncTarget).
+    pub source: bool,
+    /// Bytes to resync when it started.
+    pub total_bytes: u64,
+    /// Bytes still out of sync.
+    pub remaining_bytes: u64,
+    /// Done, in percent of `total_bytes`.
+    pub done_percent: f64,
+    /// Average speed since the start.
+    pub speed_bytes_per_s: u64,
+    /// Estimated seconds to go (None until some progress).
+    pub eta_s: Option<u64>,
+    /// Seconds since it started.
+    pub elapsed_s: f64,
+}
+
+/// Progress of online verify.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// Bytes compared.
+    pub done_bytes: u64,
+    /// Device size.
+    pub total_bytes: u64,
+    /// Bytes found out of sync so far.
+    pub found_bytes: u64,
+    /// Done, in percent.
+    pub done_percent: f64,
 }
 
 /// Generation UUIDs for display.

@@ -54,6 +54,7 @@ pub struct ResyncSettings {
 /// Handle of a resource's replication task.
 pub struct Replication {
     recheck: Arc<tokio::sync::Notify>,
+    commands: tokio::sync::mpsc::Sender<LinkCommand>,
     want: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     status: PeerStatus,
@@ -74,7 +75,9 @@ impl Replication {
         let (stop, stop_rx) = watch::channel(false);
         let status = PeerStatus::new();
         let refusal = Arc::new(std::sync::Mutex::new(None));
+        let (commands, commands_rx) = tokio::sync::mpsc::channel(LINK_COMMAND_QUEUE);
         let link = Link {
+            commands: tokio::sync::Mutex::new(commands_rx),
             volume,
             settings,
             status: status.clone(),
@@ -85,6 +88,7 @@ impl Replication {
         let task = tokio::spawn(run(link, listener, want_rx, stop_rx));
         Ok(Replication {
             recheck,
+            commands,
             want,
             stop,
             status,
@@ -96,6 +100,11 @@ impl Replication {
     /// Re-evaluates the resync decision (after a forced promotion).
     pub fn recheck(&self) {
         self.recheck.notify_one();
+    }
+
+    /// Asks the connected link to do something (false: no room or no task).
+    pub fn command(&self, cmd: LinkCommand) -> bool {
+        self.commands.try_send(cmd).is_ok()
     }
 
     /// Connect (again) after `disconnect`.
@@ -127,8 +136,22 @@ impl Replication {
     }
 }
 
+/// Administrator requests for a connected link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkCommand {
+    /// `invalidate-remote`: send every block to the peer (full sync from here).
+    FullSyncToPeer,
+    /// `new-current-uuid --clear-bitmap`: tell the peer to adopt our new UUID and
+    /// skip the initial sync.
+    SkipInitialSync,
+}
+
+/// Bound of the link command queue.
+const LINK_COMMAND_QUEUE: usize = 8;
+
 /// What the replication task works with.
 struct Link {
+    commands: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<LinkCommand>>,
     volume: Arc<Volume>,
     settings: PeerSettings,
     status: PeerStatus,
@@ -250,8 +273,23 @@ async fn session(
     let mut bitmap_words_received: u64 = 0;
     let bitmap_words_limit = mine.size_bytes.div_ceil(4096).div_ceil(64) + 1;
     let mut resync: Option<JoinHandle<()>> = None;
+    let mut commands = link.commands.lock().await;
     loop {
         tokio::select! {
+            Some(cmd) = commands.recv() => match cmd {
+                LinkCommand::FullSyncToPeer => {
+                    if resync.as_ref().is_some_and(|t| !t.is_finished()) {
+                        tracing::warn!(resource = %res, "invalidate-remote: a resync is already running");
+                    } else {
+                        tracing::info!(resource = %res, "invalidate-remote: full sync to the peer");
+                        *(&mut resync) = Some(tokio::spawn(run_resync(volume.clone(), true, link.resync.clone())));
+                    }
+                }
+                LinkCommand::SkipInitialSync => {
+                    tx.send(volume.uuids_frame(UUID_FLAG_SKIP_SYNC)).await;
+                    tx.send(volume.state_frame()).await;
+                }
+            },
             ev = conn.recv() => match ev {
                 Some(PeerEvent::Frame { frame: Frame::Uuids { current, bitmap, history, bitmap_bits, flags }, .. }) => {
                     let uuids = GenerationUuids { current, bitmap, history };

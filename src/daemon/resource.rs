@@ -14,13 +14,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, FrontendKind, MetaDisk, ResourceConfig};
-use crate::control::{ResourceStatus, Uuids};
-use crate::daemon::replication::{Replication, ResyncSettings};
+use crate::control::{AdminAction, ResourceStatus, SyncStatus, Uuids, VerifyStatus};
+use crate::daemon::replication::{LinkCommand, Replication, ResyncSettings};
 use crate::daemon::{nbd_socket_path, DaemonOptions};
 use crate::engine::core::Protocol;
 use crate::engine::sync::SplitBrainPolicy;
 use crate::engine::volume::{lock_md, VolumeMeta};
-use crate::engine::{DiskState, Role, Volume};
+use crate::engine::{ConnState, DiskState, Role, Volume};
 use crate::frontend::fuse::{FuseLoopDevice, FuseLoopOptions};
 use crate::frontend::nbd::{ExportInfo, ExportLookup, ExportResolver, NbdLimits, NbdServer};
 use crate::meta::{self, MetaData, MetaLocation};
@@ -329,6 +329,16 @@ impl Resource {
                 )))
             }
         };
+        let digest = |what: &str, alg: &Option<String>| {
+            alg.as_deref()
+                .map(crate::engine::digest::BlockDigest::parse)
+                .transpose()
+                .map_err(|e| ResourceError::Unsupported(format!("{what}: {e}")))
+        };
+        volume.set_digests(
+            digest("csums-alg", &cfg.net.csums_alg)?,
+            digest("verify-alg", &cfg.net.verify_alg)?,
+        );
         let keeper = tokio::spawn(keep_meta(volume.clone()));
         let (frontend, frontend_reason) = match choose_frontend(cfg.frontend) {
             Ok(f) => f,
@@ -519,6 +529,104 @@ impl Resource {
         }
     }
 
+    /// `invalidate`, `invalidate-remote`, `new-current-uuid`, `outdate`, `verify`.
+    pub async fn admin(&mut self, action: AdminAction) -> Result<String, ResourceError> {
+        let refused = |m: String| ResourceError::Unsupported(m);
+        match action {
+            AdminAction::Invalidate => {
+                self.volume.invalidate().map_err(refused)?;
+                self.persist()?;
+                if let Some(r) = &self.replication {
+                    r.recheck();
+                }
+                Ok("invalidated: full sync from the peer".into())
+            }
+            AdminAction::InvalidateRemote => {
+                let snap = self.volume.snapshot();
+                if snap.conn != ConnState::Connected || snap.disk != DiskState::UpToDate {
+                    return Err(refused(format!(
+                        "State change failed: (-15) invalidate-remote needs a Connected peer and UpToDate data here (connection {}, disk {})",
+                        snap.conn, snap.disk
+                    )));
+                }
+                if snap.peer_role == Role::Primary {
+                    return Err(refused("State change failed: (-16) the peer is Primary: it cannot become SyncTarget".into()));
+                }
+                let sent = self
+                    .replication
+                    .as_ref()
+                    .is_some_and(|r| r.command(LinkCommand::FullSyncToPeer));
+                if !sent {
+                    return Err(refused("the replication link is busy; try again".into()));
+                }
+                Ok("full sync to the peer started".into())
+            }
+            AdminAction::NewCurrentUuid { clear_bitmap } => {
+                if clear_bitmap {
+                    let snap = self.volume.snapshot();
+                    let fresh = self.volume.uuids().current & !1 == meta::uuid::UUID_JUST_CREATED;
+                    if !(snap.conn == ConnState::Connected
+                        && snap.disk == DiskState::Inconsistent
+                        && snap.peer_disk == DiskState::Inconsistent
+                        && fresh)
+                    {
+                        return Err(refused(format!(
+                            "new-current-uuid --clear-bitmap is for a fresh pair: both disks Inconsistent and just created, Connected (connection {}, disks {}/{})",
+                            snap.conn, snap.disk, snap.peer_disk
+                        )));
+                    }
+                }
+                let uuid = self.volume.new_current_uuid(clear_bitmap);
+                self.persist()?;
+                if clear_bitmap {
+                    if let Some(r) = &self.replication {
+                        r.command(LinkCommand::SkipInitialSync);
+                    }
+                }
+                Ok(format!(
+                    "new current UUID {}{}",
+                    meta::uuid::format_uuid(uuid),
+                    if clear_bitmap { " (initial sync skipped)" } else { "" }
+                ))
+            }
+            AdminAction::Outdate => {
+                self.volume.outdate().map_err(refused)?;
+                self.persist()?;
+                self.volume.announce_state();
+                Ok("disk Outdated".into())
+            }
+            AdminAction::Verify => {
+                let volume = self.volume.clone();
+                // Checks run synchronously so the caller sees a refusal; the pass
+                // itself runs in the background (status shows VerifyS and progress).
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let v2 = volume.clone();
+                    let run = tokio::spawn(async move { v2.run_verify().await });
+                    // Early refusals come back at once; a started run keeps going.
+                    tokio::pin!(run);
+                    tokio::select! {
+                        r = &mut run => { let _ = tx.send(r.map_err(|e| e.to_string()).and_then(|r| r.map(Some))); }
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                            let _ = tx.send(Ok(None));
+                            match run.await {
+                                Ok(Ok(found)) => tracing::info!(resource = volume.name(), "online verify found {found} bytes out of sync"),
+                                Ok(Err(e)) => tracing::error!(resource = volume.name(), "online verify: {e}"),
+                                Err(e) => tracing::error!(resource = volume.name(), "online verify task: {e}"),
+                            }
+                        }
+                    }
+                });
+                match rx.await {
+                    Ok(Ok(Some(found))) => Ok(format!("online verify done: {found} bytes out of sync")),
+                    Ok(Ok(None)) => Ok("online verify started".into()),
+                    Ok(Err(e)) => Err(refused(e)),
+                    Err(_) => Err(refused("online verify task ended".into())),
+                }
+            }
+        }
+    }
+
     /// `disconnect`: drop the link and stay StandAlone.
     pub async fn disconnect(&mut self) -> Result<(), ResourceError> {
         if let Some(r) = &self.replication {
@@ -604,6 +712,28 @@ impl Resource {
             },
             counters: snap.counters,
             nbd_clients: self.nbd.connection_count(),
+            sync: self.volume.resync_progress().map(|p| {
+                let elapsed_s = (self.volume.uptime_ms().saturating_sub(p.started_ms)) as f64 / 1000.0;
+                let remaining_bytes = snap.out_of_sync_bytes.min(p.total_bytes);
+                let done_bytes = p.total_bytes - remaining_bytes;
+                let speed = if elapsed_s > 0.0 { done_bytes as f64 / elapsed_s } else { 0.0 };
+                SyncStatus {
+                    source: p.source,
+                    total_bytes: p.total_bytes,
+                    remaining_bytes,
+                    done_percent: 100.0 * done_bytes as f64 / p.total_bytes.max(1) as f64,
+                    speed_bytes_per_s: speed as u64,
+                    eta_s: (speed >= 1.0).then(|| (remaining_bytes as f64 / speed) as u64),
+                    elapsed_s,
+                }
+            }),
+            verify: self.volume.verify_progress().map(|(done_bytes, found_bytes, _)| VerifyStatus {
+                done_bytes,
+                total_bytes: snap.size_bytes,
+                found_bytes,
+                done_percent: 100.0 * done_bytes as f64 / snap.size_bytes.max(1) as f64,
+            }),
+            crashed_primary: self.volume.crashed_primary(),
         }
     }
 }

@@ -231,6 +231,13 @@ impl Daemon {
                     Err(e) => Response::error(format!("{resource}: {e}")),
                 },
             },
+            Command::Admin { resource, action } => match resources.get_mut(&resource) {
+                None => not_up(&resource),
+                Some(res) => match res.admin(action).await {
+                    Ok(msg) => Response::ok(format!("{resource}: {msg}")),
+                    Err(e) => Response::error(format!("{resource}: {e}")),
+                },
+            },
             Command::Shutdown => {
                 let _ = self.stop.send(true);
                 Response::ok("rdbd shutting down")

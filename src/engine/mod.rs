@@ -9,6 +9,7 @@
 
 pub mod activity;
 pub mod core;
+pub mod digest;
 pub mod state;
 pub mod sync;
 pub mod volume;

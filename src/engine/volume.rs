@@ -97,9 +97,33 @@ struct Inner {
     peer_uuids: Option<GenerationUuids>,
     /// Progress of the current resync (both sides), for status.
     resync: Option<ResyncProgress>,
+    /// csums-alg: the resync sends checksums first.
+    csums: Option<crate::engine::digest::BlockDigest>,
+    /// Ranges the peer asked for after a checksum mismatch (sent as data next).
+    resync_force_data: Vec<(u64, u64)>,
+    /// verify-alg.
+    verify_alg: Option<crate::engine::digest::BlockDigest>,
+    /// Online verify run by this node (VerifyS).
+    verify: Option<VerifyRun>,
+    /// The peer runs online verify against us (VerifyT).
+    peer_verifying: bool,
     /// Bitmap pages written since `up` (counter `bm`).
     bm_pages_written: u64,
 }
+
+/// Online verify as run by this node.
+struct VerifyRun {
+    /// Request id -> (offset, len, our digest), waiting for the peer's digest.
+    waiting: HashMap<ReqId, (u64, u64, Digest)>,
+    done_bytes: u64,
+    found_bytes: u64,
+    started_ms: u64,
+}
+
+/// Online verify chunk.
+const VERIFY_CHUNK_BYTES: u64 = 256 * 1024;
+/// Online verify chunks waiting for the peer at most.
+const VERIFY_MAX_IN_FLIGHT: usize = 16;
 
 /// A running resync, as status shows it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,6 +153,10 @@ pub const STATE_FLAG_SYNC_START: u32 = 1;
 pub const STATE_FLAG_SYNC_DONE: u32 = 2;
 /// `State` frame flag (with SYNC_START): every block is resynced.
 pub const STATE_FLAG_SYNC_FULL: u32 = 4;
+/// `State` frame flag: the sender starts online verify (the receiver is VerifyT).
+pub const STATE_FLAG_VERIFY_START: u32 = 8;
+/// `State` frame flag: the sender's online verify ended.
+pub const STATE_FLAG_VERIFY_DONE: u32 = 16;
 
 /// `Uuids` frame flag: the sender crashed while Primary (its AL extents are marked).
 pub const UUID_FLAG_CRASHED_PRIMARY: u64 = 1;
@@ -179,6 +207,8 @@ enum LocalOp {
     Discard(u64),
     Zeroes(u64, bool),
     Resync(usize),
+    /// Online verify: read, digest, ask the peer for its digest.
+    Verify(usize),
 }
 
 /// A replicated volume of one resource on this node.
@@ -277,6 +307,11 @@ impl Volume {
                 discard_my_data: false,
                 peer_uuids: None,
                 resync: None,
+                csums: None,
+                resync_force_data: Vec::new(),
+                verify_alg: None,
+                verify: None,
+                peer_verifying: false,
                 bm_pages_written: 0,
             }),
             al,
@@ -595,10 +630,15 @@ impl Volume {
     pub fn snapshot(&self) -> VolumeSnapshot {
         let g = self.lock();
         let (peer_role, peer_disk) = g.engine.peer();
+        let conn = match g.engine.conn() {
+            ConnState::Connected if g.verify.is_some() => ConnState::VerifyS,
+            ConnState::Connected if g.peer_verifying => ConnState::VerifyT,
+            c => c,
+        };
         VolumeSnapshot {
             role: g.engine.role(),
             disk: g.engine.disk(),
-            conn: g.engine.conn(),
+            conn,
             peer_role,
             peer_disk,
             counters: Counters {
@@ -967,6 +1007,12 @@ impl Volume {
             Frame::State {
                 role, disk, flags, ..
             } => {
+                if flags & STATE_FLAG_VERIFY_START != 0 {
+                    self.lock().peer_verifying = true;
+                }
+                if flags & STATE_FLAG_VERIFY_DONE != 0 {
+                    self.lock().peer_verifying = false;
+                }
                 if flags & STATE_FLAG_SYNC_START != 0 {
                     {
                         let mut g = self.lock();
@@ -1037,6 +1083,104 @@ impl Volume {
                     role: role_from_code(role),
                     disk: disk_from_code(disk),
                 }
+            }
+            Frame::ChecksumRequest {
+                offset_bytes,
+                len,
+                id,
+                digest,
+            } => {
+                // SyncTarget with csums-alg: compare the source's checksum with ours.
+                let alg = self.lock().csums;
+                let ours = match (alg, self.read_for_peer(offset_bytes, len).await) {
+                    (Some(alg), Some(data)) => Some(alg.digest(&data)),
+                    _ => None,
+                };
+                let tx = self.lock().peer_tx.clone();
+                let Some(tx) = tx else { return };
+                if ours == Some(digest) {
+                    if let Err(e) = self.lock().bitmap.clear_range(offset_bytes, u64::from(len)) {
+                        tracing::error!(resource = %self.name, "bitmap: {e}");
+                    }
+                    tx.send(Frame::ResyncInSync { offset_bytes, len, id }).await;
+                } else {
+                    tx.send(Frame::ResyncRequest { offset_bytes, len, id }).await;
+                }
+                return;
+            }
+            Frame::ResyncInSync { offset_bytes, len, id } => {
+                // SyncSource: the peer's copy already equals ours.
+                let mut g = self.lock();
+                if g.resync_inflight.remove(&id).is_some() {
+                    if let Err(e) = g.bitmap.clear_range(offset_bytes, u64::from(len)) {
+                        tracing::error!(resource = %self.name, "bitmap: {e}");
+                    }
+                }
+                return;
+            }
+            Frame::ResyncRequest { offset_bytes, len, id } => {
+                // SyncSource: the checksums differed: send this range as data next.
+                let mut g = self.lock();
+                if g.resync_inflight.remove(&id).is_some() {
+                    g.resync_force_data.push((offset_bytes, u64::from(len)));
+                }
+                return;
+            }
+            Frame::VerifyRequest { offset_bytes, len, id } => {
+                // VerifyT: our digest of the range, in frame order (after every
+                // earlier write of the Primary was applied).
+                let alg = self.lock().verify_alg;
+                let digest = match (alg, self.read_for_peer(offset_bytes, len).await) {
+                    (Some(alg), Some(data)) => alg.digest(&data),
+                    _ => Digest::EMPTY,
+                };
+                let tx = self.lock().peer_tx.clone();
+                if let Some(tx) = tx {
+                    tx.send(Frame::VerifyReply { offset_bytes, len, id, digest }).await;
+                }
+                return;
+            }
+            Frame::VerifyReply { id, digest, .. } => {
+                let found = {
+                    let mut g = self.lock();
+                    let Some((offset_bytes, len_bytes, ours)) =
+                        g.verify.as_mut().and_then(|v| v.waiting.remove(&id))
+                    else {
+                        return;
+                    };
+                    let differs = digest.is_empty() || digest != ours;
+                    if let Some(v) = g.verify.as_mut() {
+                        v.done_bytes += len_bytes;
+                        if differs {
+                            v.found_bytes += len_bytes;
+                        }
+                    }
+                    if differs {
+                        tracing::warn!(resource = %self.name, offset_bytes, len_bytes, "online verify: out of sync");
+                        if let Err(e) = g.bitmap.set_range(offset_bytes, len_bytes) {
+                            tracing::error!(resource = %self.name, "bitmap: {e}");
+                        }
+                    }
+                    differs.then(|| (offset_bytes, len_bytes, g.peer_tx.clone()))
+                };
+                if let Some((offset_bytes, len_bytes, tx)) = found {
+                    self.meta_changed.notify_one();
+                    if let Some(tx) = tx {
+                        tx.send(Frame::OutOfSync {
+                            offset_bytes,
+                            len: len_bytes as u32,
+                        })
+                        .await;
+                    }
+                }
+                return;
+            }
+            Frame::OutOfSync { offset_bytes, len } => {
+                if let Err(e) = self.lock().bitmap.set_range(offset_bytes, u64::from(len)) {
+                    tracing::error!(resource = %self.name, "bitmap: {e}");
+                }
+                self.meta_changed.notify_one();
+                return;
             }
             other => {
                 tracing::debug!(resource = %self.name, "ignoring frame {}", other.command());
@@ -1262,6 +1406,7 @@ impl Volume {
             };
             self.step(&mut g, event)
         };
+        let verify = matches!(op, LocalOp::Verify(_));
         let mut local_error = None;
         let mut data = None;
         // `go` fires when the engine submits the request; if the slot is removed
@@ -1279,6 +1424,7 @@ impl Volume {
                 // Send while overlapping writes still wait: they follow it on the
                 // link, so the peer applies them after this (older) data.
                 result = match result {
+                    Ok(Some(data)) if verify => self.send_verify(id, offset_bytes, data).await,
                     Ok(Some(data)) => self.send_resync(id, offset_bytes, data).await,
                     other => other,
                 };
@@ -1323,17 +1469,188 @@ impl Volume {
         let Some(tx) = tx else {
             return Ok(None);
         };
-        let frame = Frame::ResyncData {
-            offset_bytes,
-            len: len as u32,
-            id,
-            payload: Bytes::from(data),
+        // csums-alg: the checksum first; the peer asks for the data only if its
+        // copy differs (ranges it asked for are sent as data).
+        let csums = {
+            let mut g = self.lock();
+            let forced = g
+                .resync_force_data
+                .iter()
+                .position(|&(o, l)| o == offset_bytes && l == len);
+            match forced {
+                Some(i) => {
+                    g.resync_force_data.swap_remove(i);
+                    None
+                }
+                None => g.csums,
+            }
+        };
+        let frame = match csums {
+            Some(alg) => Frame::ChecksumRequest {
+                offset_bytes,
+                len: len as u32,
+                id,
+                digest: alg.digest(&data),
+            },
+            None => Frame::ResyncData {
+                offset_bytes,
+                len: len as u32,
+                id,
+                payload: Bytes::from(data),
+            },
         };
         if tx.send(frame).await {
             Ok(Some(Vec::new()))
         } else {
             self.lock().resync_inflight.remove(&id);
             Ok(None)
+        }
+    }
+
+    /// Online verify of one chunk: keeps our digest and asks the peer for its own.
+    async fn send_verify(
+        &self,
+        id: ReqId,
+        offset_bytes: u64,
+        data: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, IoError> {
+        let len = data.len() as u64;
+        let tx = {
+            let mut g = self.lock();
+            let Some(alg) = g.verify_alg else {
+                return Ok(None);
+            };
+            let digest = alg.digest(&data);
+            let tx = g.peer_tx.clone();
+            if let (Some(v), true) = (g.verify.as_mut(), tx.is_some()) {
+                v.waiting.insert(id, (offset_bytes, len, digest));
+            }
+            tx
+        };
+        let Some(tx) = tx else {
+            return Ok(None);
+        };
+        let frame = Frame::VerifyRequest {
+            offset_bytes,
+            len: len as u32,
+            id,
+        };
+        if tx.send(frame).await {
+            Ok(Some(Vec::new()))
+        } else {
+            if let Some(v) = self.lock().verify.as_mut() {
+                v.waiting.remove(&id);
+            }
+            Ok(None)
+        }
+    }
+
+    /// Runs online verify over the whole device (this node is VerifyS): compares
+    /// every chunk's digest with the peer's, marks differing chunks out of sync on
+    /// both nodes. Returns the out-of-sync bytes found.
+    pub async fn run_verify(self: &Arc<Self>) -> Result<u64, String> {
+        let (size, tx) = {
+            let mut g = self.lock();
+            if g.verify_alg.is_none() {
+                return Err("online verify needs `verify-alg` in the net section".into());
+            }
+            if g.engine.conn() != ConnState::Connected {
+                return Err(format!(
+                    "online verify needs a Connected peer (connection is {})",
+                    g.engine.conn()
+                ));
+            }
+            if !g.engine.disk().is_usable() || !g.engine.peer().1.is_usable() {
+                return Err("online verify needs usable data on both nodes".into());
+            }
+            if g.verify.is_some() {
+                return Err("online verify is already running".into());
+            }
+            g.verify = Some(VerifyRun {
+                waiting: HashMap::new(),
+                done_bytes: 0,
+                found_bytes: 0,
+                started_ms: self.now_ms(),
+            });
+            (g.engine.size_bytes(), g.peer_tx.clone())
+        };
+        if let Some(tx) = &tx {
+            tx.send(self.state_frame_with(STATE_FLAG_VERIFY_START)).await;
+        }
+        tracing::info!(resource = %self.name, "online verify started: {size} bytes");
+        let mut offset = 0u64;
+        let result = loop {
+            if offset >= size {
+                break Ok(());
+            }
+            if !self.snapshot().conn.is_connected() {
+                break Err("the connection was lost during online verify".to_string());
+            }
+            let waiting = self.lock().verify.as_ref().map_or(0, |v| v.waiting.len());
+            if waiting >= VERIFY_MAX_IN_FLIGHT {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                continue;
+            }
+            let len = VERIFY_CHUNK_BYTES.min(size - offset);
+            match self
+                .submit(ReqKind::Resync, offset, len, LocalOp::Verify(len as usize))
+                .await
+            {
+                Ok(Some(_)) => offset += len,
+                Ok(None) => break Err("the connection was lost during online verify".into()),
+                Err(e) => break Err(format!("online verify read at {offset} failed: {e}")),
+            }
+        };
+        // Wait (bounded) for the last replies.
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while self.lock().verify.as_ref().is_some_and(|v| !v.waiting.is_empty())
+            && Instant::now() < deadline
+            && self.snapshot().conn.is_connected()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let run = self.lock().verify.take();
+        if let Some(tx) = &tx {
+            tx.send(self.state_frame_with(STATE_FLAG_VERIFY_DONE)).await;
+        }
+        self.meta_changed.notify_one();
+        let found = run.map_or(0, |r| r.found_bytes);
+        result?;
+        tracing::info!(
+            resource = %self.name,
+            "online verify done: {found} bytes ({} 4k blocks) out of sync",
+            found.div_ceil(4096)
+        );
+        Ok(found)
+    }
+
+    /// Sets the resync checksum and online verify algorithms.
+    pub fn set_digests(
+        &self,
+        csums: Option<crate::engine::digest::BlockDigest>,
+        verify: Option<crate::engine::digest::BlockDigest>,
+    ) {
+        let mut g = self.lock();
+        g.csums = csums;
+        g.verify_alg = verify;
+    }
+
+    /// Online verify progress: (done bytes, found bytes, started ms) while running.
+    pub fn verify_progress(&self) -> Option<(u64, u64, u64)> {
+        self.lock()
+            .verify
+            .as_ref()
+            .map(|v| (v.done_bytes, v.found_bytes, v.started_ms))
+    }
+
+    /// Reads our copy of a range for the peer (verify, csums); None on error.
+    async fn read_for_peer(&self, offset_bytes: u64, len: u32) -> Option<Vec<u8>> {
+        match self.storage.read_at(offset_bytes, len as usize).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(resource = %self.name, offset_bytes, "read for the peer failed: {e}");
+                None
+            }
         }
     }
 
@@ -1384,7 +1701,7 @@ impl Volume {
 
     async fn local(&self, offset_bytes: u64, op: LocalOp) -> Result<Option<Vec<u8>>, IoError> {
         match op {
-            LocalOp::Read(len) | LocalOp::Resync(len) => {
+            LocalOp::Read(len) | LocalOp::Resync(len) | LocalOp::Verify(len) => {
                 self.storage.read_at(offset_bytes, len).await.map(Some)
             }
             LocalOp::Write(data, fua) => self

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use rdb::config::{self, Config, MetaDisk};
-use rdb::control::{self, Command, ControlError, ResourceStatus, Response};
+use rdb::control::{self, AdminAction, Command, ControlError, ResourceStatus, Response};
 use rdb::meta::{self, MetaLocation};
 
 #[derive(Parser, Debug)]
@@ -124,6 +124,37 @@ enum Cmd {
         /// More detail.
         #[arg(short, long)]
         verbose: bool,
+        /// Refresh until interrupted, with a progress bar while a resync or verify runs.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Discard this node's data and resync everything from the peer.
+    Invalidate {
+        /// Resource name or `all`.
+        resource: String,
+    },
+    /// Discard the peer's data and resync everything to it.
+    InvalidateRemote {
+        /// Resource name or `all`.
+        resource: String,
+    },
+    /// Start a new data generation (new current UUID).
+    NewCurrentUuid {
+        /// Resource name or `all`.
+        resource: String,
+        /// On a fresh connected pair (both disks just created): skip the initial sync.
+        #[arg(long = "clear-bitmap")]
+        clear_bitmap: bool,
+    },
+    /// Mark this node's (Secondary) data Outdated.
+    Outdate {
+        /// Resource name or `all`.
+        resource: String,
+    },
+    /// Online verify: compare both disks while in use (needs `verify-alg`).
+    Verify {
+        /// Resource name or `all`.
+        resource: String,
     },
     /// Print the role (e.g. Primary/Secondary).
     Role {
@@ -354,7 +385,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let names = ctx.names(&cfg, &resource)?;
             ctx.ensure_daemon()?;
             for name in names {
-                state_call(&ctx, Command::Up { resource: name }, long)?;
+                // Was the node connected when it went down? (degr-wfc-timeout if not)
+                let rc = cfg.resolve(&name, &ctx.node).map_err(|e| anyhow!("{e}"))?;
+                let was_connected = rc.volumes.first().and_then(|v| {
+                    meta::read_md(&v.disk, &meta_location(&v.meta_disk))
+                        .ok()
+                        .map(|md| md.superblock.has_flag(meta::flags::CONNECTED_IND))
+                });
+                state_call(&ctx, Command::Up { resource: name.clone() }, long)?;
+                let wait_s = if was_connected == Some(false) {
+                    rc.startup.degr_wfc_timeout_s
+                } else {
+                    rc.startup.wfc_timeout_s
+                };
+                // `startup { wfc-timeout; degr-wfc-timeout; }`: `up` waits that long
+                // for the peer (0: does not wait; `wait-connect` waits forever).
+                if wait_s > 0 && !rc.peers.is_empty() {
+                    let deadline = Instant::now() + Duration::from_secs(wait_s);
+                    loop {
+                        let st = one_status(&ctx, &name)?;
+                        if !matches!(st.connection.as_str(), "StandAlone" | "Connecting" | "Disconnecting") {
+                            break;
+                        }
+                        if Instant::now() >= deadline {
+                            eprintln!(
+                                "{name}: not connected after {wait_s} s ({}), continuing ({})",
+                                st.connection,
+                                if was_connected == Some(false) { "degr-wfc-timeout" } else { "wfc-timeout" }
+                            );
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
             }
         }
         Cmd::Down { resource } => {
@@ -439,7 +502,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             proc,
             verbose,
+            watch,
         } => {
+            if watch {
+                return watch_status(&ctx, resource.as_deref());
+            }
             let list = statuses(&ctx, resource.as_deref())?;
             if json {
                 let v = serde_json::json!({ "version": 1, "node": ctx.node, "resources": list });
@@ -450,6 +517,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", render_status(&list, verbose));
             }
         }
+        Cmd::Invalidate { resource } => admin(&ctx, &resource, AdminAction::Invalidate, long)?,
+        Cmd::InvalidateRemote { resource } => {
+            admin(&ctx, &resource, AdminAction::InvalidateRemote, long)?
+        }
+        Cmd::NewCurrentUuid {
+            resource,
+            clear_bitmap,
+        } => admin(
+            &ctx,
+            &resource,
+            AdminAction::NewCurrentUuid { clear_bitmap },
+            long,
+        )?,
+        Cmd::Outdate { resource } => admin(&ctx, &resource, AdminAction::Outdate, long)?,
+        Cmd::Verify { resource } => admin(&ctx, &resource, AdminAction::Verify, long)?,
         Cmd::Role { resource } => {
             let s = one_status(&ctx, &resource)?;
             println!("{}/{}", s.role, s.peer_role);
@@ -464,6 +546,99 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs an administrative action on each named resource, printing the answer.
+fn admin(ctx: &Ctx, resource: &str, action: AdminAction, timeout: Duration) -> anyhow::Result<()> {
+    let cfg = ctx.config()?;
+    for name in ctx.names(&cfg, resource)? {
+        let r = ctx
+            .call(
+                Command::Admin {
+                    resource: name,
+                    action,
+                },
+                timeout,
+            )
+            .map_err(|e| match e {
+                ControlError::NotRunning(_) => anyhow!("{e}; run `rdbadm up` first"),
+                e => anyhow!("{e}"),
+            })?;
+        let message = r.message.clone();
+        report(r)?;
+        if !message.is_empty() {
+            println!("{message}");
+        }
+    }
+    Ok(())
+}
+
+/// `status --watch`: the status, refreshed every second; while a resync or an
+/// online verify runs, a progress bar per resource. Stops on Ctrl-C.
+fn watch_status(ctx: &Ctx, resource: Option<&str>) -> anyhow::Result<ExitCode> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:40.cyan/blue}] {percent:>3}% {msg}",
+    )
+    .map_err(|e| anyhow!("{e}"))?
+    .progress_chars("=> ");
+    let header = multi.add(ProgressBar::new_spinner());
+    let mut bars: std::collections::BTreeMap<String, ProgressBar> = Default::default();
+    loop {
+        let list = statuses(ctx, resource)?;
+        header.set_message(render_status(&list, false).trim_end().to_string());
+        header.tick();
+        for r in &list {
+            let progress = r
+                .sync
+                .as_ref()
+                .map(|p| {
+                    (
+                        p.done_percent,
+                        format!(
+                            "{} {}/{} KiB, {} KiB/s, finish {}",
+                            if p.source { "SyncSource" } else { "SyncTarget" },
+                            (p.total_bytes - p.remaining_bytes) / 1024,
+                            p.total_bytes / 1024,
+                            p.speed_bytes_per_s / 1024,
+                            p.eta_s.map_or("?".to_string(), format_hms)
+                        ),
+                    )
+                })
+                .or_else(|| {
+                    r.verify.as_ref().map(|v| {
+                        (
+                            v.done_percent,
+                            format!("VerifyS, {} KiB out of sync so far", v.found_bytes / 1024),
+                        )
+                    })
+                });
+            match progress {
+                Some((pct, msg)) => {
+                    let bar = bars.entry(r.name.clone()).or_insert_with(|| {
+                        let b = multi.add(ProgressBar::new(1000));
+                        b.set_style(style.clone());
+                        b.set_prefix(r.name.clone());
+                        b
+                    });
+                    bar.set_position((pct * 10.0) as u64);
+                    bar.set_message(msg);
+                }
+                None => {
+                    if let Some(bar) = bars.remove(&r.name) {
+                        bar.finish_with_message("done");
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Seconds as `h:mm:ss`, as /proc/drbd prints `finish:`.
+fn format_hms(s: u64) -> String {
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 fn refuse_if_up(ctx: &Ctx, name: &str, what: &str) -> anyhow::Result<()> {
@@ -543,6 +718,9 @@ fn statuses(ctx: &Ctx, resource: Option<&str>) -> anyhow::Result<Vec<ResourceSta
             uuids: Default::default(),
             counters: Default::default(),
             nbd_clients: 0,
+            sync: None,
+            verify: None,
+            crashed_primary: false,
         });
     }
     Ok(out)
@@ -589,8 +767,22 @@ fn render_status(list: &[ResourceStatus], verbose: bool) -> String {
             s.push('\n');
             if r.peer_disk != "DUnknown" {
                 s.push_str(&format!("    peer-disk:{}", r.peer_disk));
-                if r.connection == "SyncSource" && r.size_bytes > 0 {
-                    s.push_str(&format!(" done:{:.2}", sync_done_percent(r)));
+                if let Some(p) = &r.sync {
+                    s.push_str(&format!(
+                        " replication:{} done:{:.2} remaining:{}K speed:{}K/s finish:{}",
+                        if p.source { "SyncSource" } else { "SyncTarget" },
+                        p.done_percent,
+                        p.remaining_bytes / 1024,
+                        p.speed_bytes_per_s / 1024,
+                        p.eta_s.map_or("?".to_string(), format_hms)
+                    ));
+                }
+                if let Some(v) = &r.verify {
+                    s.push_str(&format!(
+                        " verify:{:.2}% out-of-sync:{}K",
+                        v.done_percent,
+                        v.found_bytes / 1024
+                    ));
                 }
                 s.push('\n');
             }
@@ -633,22 +825,47 @@ fn render_proc(list: &[ResourceStatus]) -> String {
             c.app_pending,
             k(r.out_of_sync_bytes)
         ));
-        if r.connection == "SyncSource" && r.size_bytes > 0 {
-            let pct = sync_done_percent(r);
-            let filled = (pct / 5.0) as usize;
+        if let Some(p) = &r.sync {
+            let pct = p.done_percent;
+            let filled = ((pct / 5.0) as usize).min(19);
             s.push_str(&format!(
                 "\t[{}>{}] sync'ed: {pct:.1}% ({}/{})K\n",
                 "=".repeat(filled),
-                ".".repeat(20usize.saturating_sub(filled)),
-                k(r.out_of_sync_bytes),
-                k(r.size_bytes)
+                ".".repeat(19 - filled),
+                k(p.remaining_bytes),
+                k(p.total_bytes)
+            ));
+            s.push_str(&format!(
+                "\tfinish: {} speed: {} ({}) K/sec\n",
+                p.eta_s.map_or("?".to_string(), format_hms),
+                group_thousands(k(p.speed_bytes_per_s)),
+                group_thousands(k(p.speed_bytes_per_s))
+            ));
+        }
+        if let Some(v) = &r.verify {
+            s.push_str(&format!(
+                "\t[{}>{}] verified: {:.1}% ({}/{})K oos found: {}K\n",
+                "=".repeat(((v.done_percent / 5.0) as usize).min(19)),
+                ".".repeat(19 - ((v.done_percent / 5.0) as usize).min(19)),
+                v.done_percent,
+                k(v.done_bytes),
+                k(v.total_bytes),
+                k(v.found_bytes)
             ));
         }
     }
     s
 }
 
-/// Share of the device already in sync, in percent (SyncSource view).
-fn sync_done_percent(r: &ResourceStatus) -> f64 {
-    100.0 * (1.0 - r.out_of_sync_bytes as f64 / r.size_bytes.max(1) as f64)
+/// `12,345` as /proc/drbd prints speeds.
+fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
