@@ -495,7 +495,7 @@ impl Volume {
     /// Copies what the volume keeps (UUIDs, disk state, crash flag) into `sb`;
     /// returns whether `sb` changed.
     pub fn fill_superblock(&self, sb: &mut Superblock) -> bool {
-        use meta::flags::{CONSISTENT, CRASHED_PRIMARY, OUTDATED, WAS_UP_TO_DATE};
+        use meta::flags::{CONNECTED_IND, CONSISTENT, CRASHED_PRIMARY, OUTDATED, WAS_UP_TO_DATE};
         let g = self.lock();
         let before = (sb.flags, sb.uuids);
         sb.uuids = g.uuids;
@@ -514,7 +514,13 @@ impl Volume {
         } else {
             0
         };
-        sb.flags = keep | disk_bits | crash_bit;
+        let keep = keep & !CONNECTED_IND;
+        let connected_bit = if g.engine.conn().is_connected() {
+            CONNECTED_IND
+        } else {
+            0
+        };
+        sb.flags = keep | disk_bits | crash_bit | connected_bit;
         (sb.flags, sb.uuids) != before
     }
 
@@ -852,6 +858,7 @@ impl Volume {
         g.peer_tx = Some(tx);
         let deferred = self.step(&mut g, Event::PeerConnected { role, disk });
         drop(g);
+        self.meta_changed.notify_one();
         self.spawn_deferred(deferred);
     }
 
