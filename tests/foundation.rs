@@ -96,6 +96,7 @@ fn nbd_clients_see_the_right_device_and_data() {
             "--size=32M",
             "--offset_increment=64M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--group_reporting",

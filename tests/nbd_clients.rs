@@ -221,6 +221,7 @@ async fn fio_randwrite_verify_qd32_two_jobs() {
             "--size=8M",
             "--offset_increment=16M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--group_reporting",

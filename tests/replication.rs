@@ -54,6 +54,7 @@ fn fio_verify(c: &Cluster, size: &str) {
             &format!("--size={size}"),
             "--offset_increment=96M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--group_reporting",

@@ -307,7 +307,14 @@ async fn session(
                     if flags & UUID_FLAG_SKIP_SYNC != 0 {
                         tracing::info!(resource = %res, "peer declared new current UUID {} with --clear-bitmap: adopting it, no initial sync", format_uuid(current));
                         volume.adopt_skip_sync(current);
-                        volume.announce_state();
+                        // Our new UUIDs first, then the state that shows UpToDate, so
+                        // the peer never decides on our old UUIDs.
+                        tx.send(volume.uuids_frame(UUID_FLAG_INFO_ONLY)).await;
+                        tx.send(volume.state_frame()).await;
+                        if let Some(p) = peer.as_mut() {
+                            p.uuids = uuids;
+                            p.bitmap_bits = bitmap_bits;
+                        }
                         continue;
                     }
                     peer = Some(PeerUuids { uuids, bitmap_bits, flags, bitmap_done: false });

@@ -586,7 +586,11 @@ impl Resource {
                 Ok(format!(
                     "new current UUID {}{}",
                     meta::uuid::format_uuid(uuid),
-                    if clear_bitmap { " (initial sync skipped)" } else { "" }
+                    if clear_bitmap {
+                        " (initial sync skipped)"
+                    } else {
+                        ""
+                    }
                 ))
             }
             AdminAction::Outdate => {
@@ -618,7 +622,9 @@ impl Resource {
                     }
                 });
                 match rx.await {
-                    Ok(Ok(Some(found))) => Ok(format!("online verify done: {found} bytes out of sync")),
+                    Ok(Ok(Some(found))) => {
+                        Ok(format!("online verify done: {found} bytes out of sync"))
+                    }
                     Ok(Ok(None)) => Ok("online verify started".into()),
                     Ok(Err(e)) => Err(refused(e)),
                     Err(_) => Err(refused("online verify task ended".into())),
@@ -713,10 +719,15 @@ impl Resource {
             counters: snap.counters,
             nbd_clients: self.nbd.connection_count(),
             sync: self.volume.resync_progress().map(|p| {
-                let elapsed_s = (self.volume.uptime_ms().saturating_sub(p.started_ms)) as f64 / 1000.0;
+                let elapsed_s =
+                    (self.volume.uptime_ms().saturating_sub(p.started_ms)) as f64 / 1000.0;
                 let remaining_bytes = snap.out_of_sync_bytes.min(p.total_bytes);
                 let done_bytes = p.total_bytes - remaining_bytes;
-                let speed = if elapsed_s > 0.0 { done_bytes as f64 / elapsed_s } else { 0.0 };
+                let speed = if elapsed_s > 0.0 {
+                    done_bytes as f64 / elapsed_s
+                } else {
+                    0.0
+                };
                 SyncStatus {
                     source: p.source,
                     total_bytes: p.total_bytes,
@@ -727,12 +738,15 @@ impl Resource {
                     elapsed_s,
                 }
             }),
-            verify: self.volume.verify_progress().map(|(done_bytes, found_bytes, _)| VerifyStatus {
-                done_bytes,
-                total_bytes: snap.size_bytes,
-                found_bytes,
-                done_percent: 100.0 * done_bytes as f64 / snap.size_bytes.max(1) as f64,
-            }),
+            verify: self
+                .volume
+                .verify_progress()
+                .map(|(done_bytes, found_bytes, _)| VerifyStatus {
+                    done_bytes,
+                    total_bytes: snap.size_bytes,
+                    found_bytes,
+                    done_percent: 100.0 * done_bytes as f64 / snap.size_bytes.max(1) as f64,
+                }),
             crashed_primary: self.volume.crashed_primary(),
         }
     }

@@ -55,7 +55,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
         for (i, slot) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0x82F6_3B78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
             *slot = c;
         }
@@ -78,7 +82,10 @@ mod tests {
         assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(BlockDigest::parse("SHA1").unwrap().digest(b"abc").len(), 20);
-        assert_eq!(BlockDigest::parse("sha256").unwrap().digest(b"abc").len(), 32);
+        assert_eq!(
+            BlockDigest::parse("sha256").unwrap().digest(b"abc").len(),
+            32
+        );
         assert!(BlockDigest::parse("whirlpool").is_err());
     }
 }

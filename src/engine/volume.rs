@@ -1109,13 +1109,27 @@ impl Volume {
                     if let Err(e) = self.lock().bitmap.clear_range(offset_bytes, u64::from(len)) {
                         tracing::error!(resource = %self.name, "bitmap: {e}");
                     }
-                    tx.send(Frame::ResyncInSync { offset_bytes, len, id }).await;
+                    tx.send(Frame::ResyncInSync {
+                        offset_bytes,
+                        len,
+                        id,
+                    })
+                    .await;
                 } else {
-                    tx.send(Frame::ResyncRequest { offset_bytes, len, id }).await;
+                    tx.send(Frame::ResyncRequest {
+                        offset_bytes,
+                        len,
+                        id,
+                    })
+                    .await;
                 }
                 return;
             }
-            Frame::ResyncInSync { offset_bytes, len, id } => {
+            Frame::ResyncInSync {
+                offset_bytes,
+                len,
+                id,
+            } => {
                 // SyncSource: the peer's copy already equals ours.
                 let mut g = self.lock();
                 if g.resync_inflight.remove(&id).is_some() {
@@ -1125,7 +1139,11 @@ impl Volume {
                 }
                 return;
             }
-            Frame::ResyncRequest { offset_bytes, len, id } => {
+            Frame::ResyncRequest {
+                offset_bytes,
+                len,
+                id,
+            } => {
                 // SyncSource: the checksums differed: send this range as data next.
                 let mut g = self.lock();
                 if g.resync_inflight.remove(&id).is_some() {
@@ -1133,7 +1151,11 @@ impl Volume {
                 }
                 return;
             }
-            Frame::VerifyRequest { offset_bytes, len, id } => {
+            Frame::VerifyRequest {
+                offset_bytes,
+                len,
+                id,
+            } => {
                 // VerifyT: our digest of the range, in frame order (after every
                 // earlier write of the Primary was applied).
                 let alg = self.lock().verify_alg;
@@ -1143,7 +1165,13 @@ impl Volume {
                 };
                 let tx = self.lock().peer_tx.clone();
                 if let Some(tx) = tx {
-                    tx.send(Frame::VerifyReply { offset_bytes, len, id, digest }).await;
+                    tx.send(Frame::VerifyReply {
+                        offset_bytes,
+                        len,
+                        id,
+                        digest,
+                    })
+                    .await;
                 }
                 return;
             }
@@ -1582,7 +1610,8 @@ impl Volume {
             (g.engine.size_bytes(), g.peer_tx.clone())
         };
         if let Some(tx) = &tx {
-            tx.send(self.state_frame_with(STATE_FLAG_VERIFY_START)).await;
+            tx.send(self.state_frame_with(STATE_FLAG_VERIFY_START))
+                .await;
         }
         tracing::info!(resource = %self.name, "online verify started: {size} bytes");
         let mut offset = 0u64;
@@ -1610,7 +1639,11 @@ impl Volume {
         };
         // Wait (bounded) for the last replies.
         let deadline = Instant::now() + std::time::Duration::from_secs(30);
-        while self.lock().verify.as_ref().is_some_and(|v| !v.waiting.is_empty())
+        while self
+            .lock()
+            .verify
+            .as_ref()
+            .is_some_and(|v| !v.waiting.is_empty())
             && Instant::now() < deadline
             && self.snapshot().conn.is_connected()
         {

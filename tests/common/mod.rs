@@ -118,6 +118,18 @@ impl Cluster {
     /// A cluster of `alpha` and `beta` with `size` backing files (e.g. "256M"),
     /// the given protocol and extra `net { }` lines.
     pub fn new(tag: &str, protocol: &str, size: &str, extra_net: &str) -> Cluster {
+        Cluster::with_sections(tag, protocol, size, extra_net, "")
+    }
+
+    /// Like [`Cluster::new`], with more sections inside the resource (e.g.
+    /// `disk { ... }`, `handlers { ... }`, `startup { ... }`).
+    pub fn with_sections(
+        tag: &str,
+        protocol: &str,
+        size: &str,
+        extra_net: &str,
+        extra_resource: &str,
+    ) -> Cluster {
         let dir = PathBuf::from(format!(
             "/tmp/rdb-test-{tag}-{}-{}",
             std::process::id(),
@@ -140,7 +152,7 @@ impl Cluster {
         let (pa, pb) = (free_port(), free_port());
         let conf = dir.join("rdb.conf");
         let text = format!(
-            "resource r0 {{\n    device {dev};\n    flexible-meta-disk internal;\n    net {{\n        protocol {protocol};\n        {extra_net}\n    }}\n    on alpha {{\n        disk {d}/alpha.img;\n        address 127.0.0.1:{pa};\n    }}\n    on beta {{\n        disk {d}/beta.img;\n        address 127.0.0.1:{pb};\n    }}\n}}\n",
+            "resource r0 {{\n    device {dev};\n    flexible-meta-disk internal;\n    {extra_resource}\n    net {{\n        protocol {protocol};\n        {extra_net}\n    }}\n    on alpha {{\n        disk {d}/alpha.img;\n        address 127.0.0.1:{pa};\n    }}\n    on beta {{\n        disk {d}/beta.img;\n        address 127.0.0.1:{pb};\n    }}\n}}\n",
             dev = device.display(),
             d = dir.display(),
         );

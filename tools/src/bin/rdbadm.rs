@@ -392,7 +392,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .ok()
                         .map(|md| md.superblock.has_flag(meta::flags::CONNECTED_IND))
                 });
-                state_call(&ctx, Command::Up { resource: name.clone() }, long)?;
+                state_call(
+                    &ctx,
+                    Command::Up {
+                        resource: name.clone(),
+                    },
+                    long,
+                )?;
                 let wait_s = if was_connected == Some(false) {
                     rc.startup.degr_wfc_timeout_s
                 } else {
@@ -404,14 +410,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let deadline = Instant::now() + Duration::from_secs(wait_s);
                     loop {
                         let st = one_status(&ctx, &name)?;
-                        if !matches!(st.connection.as_str(), "StandAlone" | "Connecting" | "Disconnecting") {
+                        if !matches!(
+                            st.connection.as_str(),
+                            "StandAlone" | "Connecting" | "Disconnecting"
+                        ) {
                             break;
                         }
                         if Instant::now() >= deadline {
                             eprintln!(
                                 "{name}: not connected after {wait_s} s ({}), continuing ({})",
                                 st.connection,
-                                if was_connected == Some(false) { "degr-wfc-timeout" } else { "wfc-timeout" }
+                                if was_connected == Some(false) {
+                                    "degr-wfc-timeout"
+                                } else {
+                                    "wfc-timeout"
+                                }
                             );
                             break;
                         }
@@ -578,11 +591,10 @@ fn admin(ctx: &Ctx, resource: &str, action: AdminAction, timeout: Duration) -> a
 fn watch_status(ctx: &Ctx, resource: Option<&str>) -> anyhow::Result<ExitCode> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template(
-        "{prefix:>10} [{bar:40.cyan/blue}] {percent:>3}% {msg}",
-    )
-    .map_err(|e| anyhow!("{e}"))?
-    .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>10} [{bar:40.cyan/blue}] {percent:>3}% {msg}")
+            .map_err(|e| anyhow!("{e}"))?
+            .progress_chars("=> ");
     let header = multi.add(ProgressBar::new_spinner());
     let mut bars: std::collections::BTreeMap<String, ProgressBar> = Default::default();
     loop {
