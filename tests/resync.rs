@@ -483,6 +483,16 @@ fn online_verify_finds_a_block_corrupted_on_the_secondary() {
     fresh_pair_skip_sync(&c);
     let size = data_size(&c);
     qemu_io(&c, "alpha", "write -P 0x5a 0 16M");
+    // Write-zeroes with unmap allowed (mkfs does this) replicates like any write:
+    // nothing may be left out of sync while connected.
+    qemu_io(&c, "alpha", "write -z -u 32M 4M");
+    qemu_io(&c, "alpha", "discard 40M 4M");
+    assert_eq!(
+        status_of(&c, "alpha")["out_of_sync_bytes"],
+        0,
+        "writes marked out of sync while Connected:\n{}",
+        c.log_tail("alpha")
+    );
     // Behind rdb's back: one 4 KiB block on beta's backing disk.
     let offset = 5 * MIB + 4096;
     run_ok(

@@ -59,7 +59,6 @@ struct Slot {
     len_bytes: u64,
     data: Option<Bytes>,
     fua: bool,
-    may_unmap: bool,
     /// Fired when the engine submits the request to the local disk.
     go: Option<oneshot::Sender<()>>,
     /// Fired when the engine completes the request.
@@ -1336,9 +1335,8 @@ impl Volume {
                             seq: id,
                             flags: match kind {
                                 ReqKind::Discard => repl::DATA_TRIM,
-                                ReqKind::Zeroes if slot.may_unmap => {
-                                    repl::DATA_ZEROES | repl::DATA_TRIM
-                                }
+                                // TRIM|ZEROES is not a valid frame: the peer writes
+                                // zeroes allowing unmap whatever the client said.
                                 ReqKind::Zeroes => repl::DATA_ZEROES,
                                 _ if slot.fua => repl::DATA_FUA,
                                 _ => 0,
@@ -1413,10 +1411,9 @@ impl Volume {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (go_tx, go_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
-        let (data, fua, may_unmap) = match &op {
-            LocalOp::Write(d, fua) => (Some(d.clone()), *fua, false),
-            LocalOp::Zeroes(_, unmap) => (None, false, *unmap),
-            _ => (None, false, false),
+        let (data, fua) = match &op {
+            LocalOp::Write(d, fua) => (Some(d.clone()), *fua),
+            _ => (None, false),
         };
         let deferred = {
             let mut g = self.lock();
@@ -1428,7 +1425,6 @@ impl Volume {
                     len_bytes,
                     data,
                     fua,
-                    may_unmap,
                     go: Some(go_tx),
                     done: Some(done_tx),
                 },

@@ -272,7 +272,10 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         // close(): no data is buffered here (direct I/O), durability is fsync's job.
-        reply.ok();
+        // ENOSYS makes the kernel stop sending FLUSH on this connection for good
+        // (`no_flush`): otherwise a close() of the FUSE file that races with rdbd's
+        // death (kill -9) waits forever for an answer in D state.
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn fsync(
