@@ -17,6 +17,8 @@ use crate::net;
 pub const UMOUNT_ATTEMPTS: u32 = 3;
 /// Gratuitous ARP frames sent after adding an address.
 pub const GARP_COUNT: u32 = 3;
+/// Pause between two refused promotions of an rdbdisk resource.
+pub const PROMOTE_RETRY_MS: u64 = 200;
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -270,13 +272,43 @@ pub async fn run(env: &AgentEnv, res: &Resource, op: Op) -> Result<(), AgentErro
                 }
             }
         }
-        (Resource::RdbDisk { res }, _) => {
-            let verb = if op == Op::Start {
-                "primary"
-            } else {
-                "secondary"
-            };
-            let argv = vec![env.rdbadm.display().to_string(), verb.into(), res.clone()];
+        (Resource::RdbDisk { res }, Op::Start) => {
+            // Like Heartbeat's drbddisk: the promotion is retried while it is refused
+            // (e.g. this node is a SyncTarget finishing its resync after a return),
+            // within the resource timeout (run() is bounded by the caller's timeout too).
+            let argv = vec![
+                env.rdbadm.display().to_string(),
+                "primary".into(),
+                res.clone(),
+            ];
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(env.timeout_ms);
+            let mut logged = false;
+            loop {
+                let r = run_cmd(env, &argv, None).await?;
+                if r.ok {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() + Duration::from_millis(PROMOTE_RETRY_MS) >= deadline
+                {
+                    return Err(AgentError::Failed {
+                        cmd: argv.join(" "),
+                        status: r.status,
+                        stderr: r.stderr,
+                    });
+                }
+                if !logged {
+                    tracing::warn!("{} refused ({}); retrying", argv.join(" "), r.stderr);
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(PROMOTE_RETRY_MS)).await;
+            }
+        }
+        (Resource::RdbDisk { res }, Op::Stop) => {
+            let argv = vec![
+                env.rdbadm.display().to_string(),
+                "secondary".into(),
+                res.clone(),
+            ];
             must(env, &argv).await.map(|_| ())
         }
         (
