@@ -486,3 +486,220 @@ fn fast_rollback_takeover_check_links_cutoff_failback_off() {
     assert_in_sync(&lab);
     assert_eq!(lab.fetch().unwrap().body, format!("{v1}\n"));
 }
+
+/// One failover measurement: crash of node1 (kill -9 of every process of it), outage
+/// seen by the client (last success from node1 to first success from node2).
+fn measure_crash(lab: &mut Lab, crash: impl FnOnce(&mut Lab)) -> Duration {
+    let probe = Probe::start(&client_ns(&lab.p), &lab.vip);
+    assert!(
+        wait_for(Duration::from_secs(10), || probe.last().is_some_and(|s| s
+            .page
+            .as_ref()
+            .is_ok_and(|p| p.node == "node1"))),
+        "client not served by node1 before the crash\n{}",
+        lab.logs()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    crash(lab);
+    assert!(
+        wait_for(Duration::from_secs(60), || probe.last().is_some_and(|s| s
+            .page
+            .as_ref()
+            .is_ok_and(|p| p.node == "node2"))),
+        "client never served by node2\n{}",
+        lab.logs()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = probe.stop();
+    outage(&samples, t0, "node1", "node2").expect("outage").0
+}
+
+/// node1 cut off by nftables (both directions, every interface).
+fn cut_node1(l: &mut Lab) {
+    l.cut(0, &["eth0", "eth1"]);
+}
+
+fn rdb_ha_round(tag: &str, k: u8, t: Timings, cut: bool) -> Duration {
+    let mut lab = Lab::new(
+        tag,
+        k,
+        Opts {
+            t,
+            auto_failback: false,
+            second_link: false,
+            ping_client: false,
+            http_check: false,
+            // rdbd must notice a silent peer before node2 can be promoted.
+            rdb_fast_ping: cut,
+        },
+    );
+    lab.start_ha(0);
+    lab.start_ha(1);
+    assert!(
+        wait_for(Duration::from_secs(30), || lab.runs_group(0)
+            && lab.ha_status(1)["owner"] == "node1"),
+        "{}",
+        lab.logs()
+    );
+    let d = if cut {
+        measure_crash(&mut lab, cut_node1)
+    } else {
+        measure_crash(&mut lab, |l| l.crash(0))
+    };
+    assert_eq!(lab.fetch().unwrap().body, "THOLDI webstore v0\n");
+    d
+}
+
+fn keepalived_round(tag: &str, k: u8, cut: bool) -> Duration {
+    need("keepalived", "keepalived");
+    let mut lab = Lab::new(
+        tag,
+        k,
+        Opts {
+            t: FAST,
+            auto_failback: false,
+            second_link: false,
+            ping_client: false,
+            http_check: false,
+            rdb_fast_ping: false,
+        },
+    );
+    // The same VIP moved by VRRP; each node serves its own static copy of the page
+    // with the same web server (no rdb, no mount: the IP move only).
+    for i in 0..2 {
+        let n = &lab.n[i];
+        let www = n.ha_run.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), "THOLDI webstore v0\n").unwrap();
+        let conf = n.ha_run.join("keepalived.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "global_defs {{\n  router_id {name}\n}}\nvrrp_instance VI_1 {{\n  state {state}\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int 1\n  authentication {{\n    auth_type PASS\n    auth_pass tholdi\n  }}\n  virtual_ipaddress {{\n    {vip}/24 dev eth0\n  }}\n}}\n",
+                name = n.name,
+                state = if i == 0 { "MASTER" } else { "BACKUP" },
+                prio = if i == 0 { 150 } else { 100 },
+                vip = lab.vip
+            ),
+        )
+        .unwrap();
+        let run = n.ha_run.display().to_string();
+        let web = n.ha_dir.join("web.py").display().to_string();
+        let cmd = format!(
+            "setsid /usr/bin/python3 {web} {www} {HTTP_PORT} {name} {run}/web.ready >{run}/web.log 2>&1 </dev/null &\n\
+             setsid keepalived -n -l -P -f {conf} -p {run}/keepalived.pid -r {run}/vrrp.pid >{run}/keepalived.log 2>&1 </dev/null &\n",
+            www = www.display(),
+            name = n.name,
+            conf = conf.display()
+        );
+        run_ok(10, "ip", &["netns", "exec", &n.ns, "sh", "-c", &cmd]);
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || lab.has_vip(0)),
+        "keepalived never gave node1 the VIP"
+    );
+    if cut {
+        let d = measure_crash(&mut lab, cut_node1);
+        kill_netns_pids(&lab.n[0].ns);
+        kill_netns_pids(&lab.n[1].ns);
+        return d;
+    }
+    let d = measure_crash(&mut lab, |l| {
+        // keepalived's VRRP child first (killing the parent first makes it clean up).
+        let run = &l.n[0].ha_run;
+        for f in ["vrrp.pid", "keepalived.pid"] {
+            if let Ok(t) = std::fs::read_to_string(run.join(f)) {
+                if let Ok(pid) = t.trim().parse::<i32>() {
+                    // SAFETY: kill(2) of the keepalived this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        kill_netns_pids(&l.n[0].ns);
+    });
+    kill_netns_pids(&lab.n[1].ns);
+    d
+}
+
+/// Failover benchmark (bench/ha.sh): client outage after a crash of node1 with rdb-ha
+/// and the seed's timings, rdb-ha with sub-second timings, and keepalived VRRP
+/// (advert_int 1) moving the same IP, interleaved rounds in one run.
+#[test]
+#[ignore = "benchmark: run by bench/ha.sh"]
+fn bench_failover() {
+    let rounds: usize = std::env::var("RDB_HA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    // (name, runner) in the order of the interleaved rounds.
+    type Runner = Box<dyn Fn() -> Duration>;
+    let cases: Vec<(&str, Runner)> = vec![
+        (
+            "keepalived_crash",
+            Box::new(|| keepalived_round("k", 5, false)),
+        ),
+        (
+            "rdb_ha_fast_crash",
+            Box::new(|| rdb_ha_round("f", 4, FAST, false)),
+        ),
+        (
+            "rdb_ha_seed_crash",
+            Box::new(|| rdb_ha_round("s", 3, SEED, false)),
+        ),
+        (
+            "keepalived_cut",
+            Box::new(|| keepalived_round("k", 5, true)),
+        ),
+        (
+            "rdb_ha_fast_cut",
+            Box::new(|| rdb_ha_round("f", 4, FAST, true)),
+        ),
+    ];
+    let mut res: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    for r in 0..rounds {
+        let mut line = format!("round {r}:");
+        for (i, (name, f)) in cases.iter().enumerate() {
+            let d = f();
+            line += &format!(" {name} {} ms", d.as_millis());
+            res[i].push(d);
+        }
+        println!("{line}");
+    }
+    let med = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut per = serde_json::Map::new();
+    let mut medians = serde_json::Map::new();
+    for (i, (name, _)) in cases.iter().enumerate() {
+        per.insert(
+            (*name).into(),
+            res[i]
+                .iter()
+                .map(|d| d.as_millis() as u64)
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        medians.insert((*name).into(), (med(&res[i]).as_millis() as u64).into());
+    }
+    let ratio = |a: usize, b: usize| {
+        (med(&res[a]).as_secs_f64() / med(&res[b]).as_secs_f64() * 100.0).round() / 100.0
+    };
+    let out = serde_json::json!({
+        "method": "client GET http://VIP:8080/ every 50 ms, 200 ms timeout; outage = last success from node1 to first success from node2. crash = kill -9 of every process of node1 (rdb-ha, rdbd, web server | keepalived VRRP child, then parent, web server); cut = nftables drops everything on node1's interfaces. rdb-ha moves IPaddr + rdb Primary + ext4 mount (fsck) + web server; keepalived moves the IP only (a web server runs on each node)",
+        "timings": {"seed": "keepalive 2, deadtime 10", "fast": "keepalive 100ms, deadtime 500ms", "keepalived": "advert_int 1, VRRPv2 auth PASS", "rdb_cut": "rdb net ping-int 1, ping-timeout 5 (0.5 s)"},
+        "rounds": rounds,
+        "outage_ms": per,
+        "median_ms": medians,
+        "ratio_fast_crash_vs_keepalived_crash": ratio(1, 0),
+        "ratio_seed_crash_vs_keepalived_crash": ratio(2, 0),
+        "ratio_fast_cut_vs_keepalived_cut": ratio(4, 3),
+        "fast_target_ms": 1500,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    if let Some(p) = std::env::var_os("RDB_HA_BENCH_OUT") {
+        std::fs::write(p, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    }
+}
