@@ -292,6 +292,15 @@ pub const FAST: Timings = Timings {
     initdead: "5",
 };
 
+/// Sub-second heartbeats with a deadtime that a loaded CI machine does not trip by
+/// accident (keepalive 200ms, deadtime 1500ms).
+pub const MID: Timings = Timings {
+    keepalive: "200ms",
+    deadtime: "1500ms",
+    warntime: "1s",
+    initdead: "5",
+};
+
 /// What the lab's ha.cf and haresources contain beyond the seed.
 #[derive(Debug, Clone)]
 pub struct Opts {
