@@ -41,6 +41,7 @@ fn seed_003_crash_failover_then_auto_failback_on() {
             ping_client: false,
             http_check: false,
             rdb_fast_ping: false,
+            seed_authkeys: true,
         },
     );
     let out = run(
@@ -61,6 +62,8 @@ fn seed_003_crash_failover_then_auto_failback_on() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("keepalive 2000 ms, deadtime 10000 ms, warntime 6000 ms, initdead 60000 ms, udpport 694"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("md5 is weak"), "{err}");
     let boot = Instant::now();
     lab.start_ha(0);
     lab.start_ha(1);
@@ -299,6 +302,7 @@ fn subsecond_rollback_takeover_check_links_cutoff_failback_off() {
             ping_client: true,
             http_check: true,
             rdb_fast_ping: true,
+            seed_authkeys: false,
         },
     );
     // 1. A start failure on node1 rolls back; node2 takes the group.
@@ -540,6 +544,7 @@ fn rdb_ha_round(tag: &str, k: u8, t: Timings, cut: bool) -> Duration {
             http_check: false,
             // rdbd must notice a silent peer before node2 can be promoted.
             rdb_fast_ping: cut,
+            seed_authkeys: false,
         },
     );
     lab.start_ha(0);
@@ -571,6 +576,7 @@ fn keepalived_round(tag: &str, k: u8, cut: bool) -> Duration {
             ping_client: false,
             http_check: false,
             rdb_fast_ping: false,
+            seed_authkeys: false,
         },
     );
     // The same VIP moved by VRRP; each node serves its own static copy of the page

@@ -316,6 +316,9 @@ pub struct Opts {
     pub http_check: bool,
     /// rdb `net { ping-int; ping-timeout }` for fast loss detection of a silent peer.
     pub rdb_fast_ping: bool,
+    /// The seed's authkeys verbatim (`3 md5 azerty`, accepted with a warning);
+    /// otherwise `3 sha256` with a longer key.
+    pub seed_authkeys: bool,
 }
 
 /// A node of the lab.
@@ -824,9 +827,14 @@ impl Lab {
             ),
         )
         .expect("haresources");
-        // Seed authkeys ("auth 3 / 3 md5 azerty") with a stronger algorithm and key.
+        // Seed authkeys ("auth 3 / 3 md5 azerty"), or the same index with sha256.
         let ak = n.ha_dir.join("authkeys");
-        std::fs::write(&ak, "auth 3\n3 sha256 azerty-tholdi-lab\n").expect("authkeys");
+        let keys = if self.o.seed_authkeys {
+            "auth 3\n3 md5 azerty\n"
+        } else {
+            "auth 3\n3 sha256 azerty-tholdi-lab\n"
+        };
+        std::fs::write(&ak, keys).expect("authkeys");
         std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let web = n.ha_dir.join("web.py");
         std::fs::write(&web, WEB_PY).expect("web.py");
