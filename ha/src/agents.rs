@@ -17,6 +17,8 @@ use crate::net;
 pub const UMOUNT_ATTEMPTS: u32 = 3;
 /// Gratuitous ARP frames sent after adding an address.
 pub const GARP_COUNT: u32 = 3;
+/// Pause between two refused promotions of an rdbdisk resource.
+pub const PROMOTE_RETRY_MS: u64 = 200;
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -270,13 +272,65 @@ pub async fn run(env: &AgentEnv, res: &Resource, op: Op) -> Result<(), AgentErro
                 }
             }
         }
-        (Resource::RdbDisk { res }, _) => {
-            let verb = if op == Op::Start {
-                "primary"
-            } else {
-                "secondary"
-            };
-            let argv = vec![env.rdbadm.display().to_string(), verb.into(), res.clone()];
+        (Resource::RdbDisk { res }, Op::Start) => {
+            // Like Heartbeat's drbddisk: the promotion is retried while it is refused
+            // (e.g. this node is a SyncTarget finishing its resync after a return),
+            // within the resource timeout (run() is bounded by the caller's timeout too).
+            // A disk that is StandAlone (split brain, or disconnected by the
+            // administrator) and not UpToDate may hold stale data: never promote it
+            // here. A Consistent disk whose peer is merely unreachable (Connecting) is
+            // the normal failover case and is promoted.
+            let st = vec![
+                env.rdbadm.display().to_string(),
+                "status".into(),
+                res.clone(),
+                "--json".into(),
+            ];
+            let r = run_cmd(env, &st, None).await?;
+            if r.ok {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.stdout) {
+                    let s = &v["resources"][0];
+                    if s["connection"] == "StandAlone" && s["disk"] != "UpToDate" {
+                        return Err(AgentError::Resolve(format!(
+                            "rdbdisk {res}: StandAlone with disk {} (split brain?): refusing to promote possibly stale data; resolve it first",
+                            s["disk"]
+                        )));
+                    }
+                }
+            }
+            let argv = vec![
+                env.rdbadm.display().to_string(),
+                "primary".into(),
+                res.clone(),
+            ];
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(env.timeout_ms);
+            let mut logged = false;
+            loop {
+                let r = run_cmd(env, &argv, None).await?;
+                if r.ok {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() + Duration::from_millis(PROMOTE_RETRY_MS) >= deadline
+                {
+                    return Err(AgentError::Failed {
+                        cmd: argv.join(" "),
+                        status: r.status,
+                        stderr: r.stderr,
+                    });
+                }
+                if !logged {
+                    tracing::warn!("{} refused ({}); retrying", argv.join(" "), r.stderr);
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(PROMOTE_RETRY_MS)).await;
+            }
+        }
+        (Resource::RdbDisk { res }, Op::Stop) => {
+            let argv = vec![
+                env.rdbadm.display().to_string(),
+                "secondary".into(),
+                res.clone(),
+            ];
             must(env, &argv).await.map(|_| ())
         }
         (
@@ -456,15 +510,25 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = env(d.path());
         let log = d.path().join("log");
+        let sb = d.path().join("split-brain");
         script(
             &e.rdbadm,
-            &format!("echo \"rdbadm $@\" >> {}", log.display()),
+            &format!(
+                "echo \"rdbadm $@\" >> {}; [ \"$1\" = status ] && [ -e {} ] && echo '{{\"resources\":[{{\"connection\":\"StandAlone\",\"disk\":\"Consistent\"}}]}}'; exit 0",
+                log.display(),
+                sb.display()
+            ),
         );
         let r = Resource::RdbDisk {
             res: "webstore".into(),
         };
         run(&e, &r, Op::Start).await.unwrap();
         run(&e, &r, Op::Stop).await.unwrap();
+        // A StandAlone disk that is not UpToDate is never promoted.
+        std::fs::write(&sb, "").unwrap();
+        let err = run(&e, &r, Op::Start).await.unwrap_err();
+        assert!(err.to_string().contains("refusing to promote"), "{err}");
+        std::fs::remove_file(&sb).unwrap();
         // Missing sendmail: a warning, not a failure.
         let m = Resource::MailTo {
             addr: "sip@tholdi.com".into(),
@@ -477,7 +541,7 @@ mod tests {
         );
         run(&e, &m, Op::Stop).await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.starts_with("rdbadm primary webstore\nrdbadm secondary webstore\nTo: sip@tholdi.com\nSubject: Migrating resource away\n"), "{text}");
+        assert!(text.starts_with("rdbadm status webstore --json\nrdbadm primary webstore\nrdbadm secondary webstore\nrdbadm status webstore --json\nTo: sip@tholdi.com\nSubject: Migrating resource away\n"), "{text}");
     }
 
     #[tokio::test]

@@ -6,7 +6,11 @@
 //! its sender: inside one generation `seq` must increase; a new generation is accepted
 //! only with a sequence restart (`seq <= RESTART_SEQ_MAX`), a timestamp not older than
 //! the newest seen from that sender, and when it is not one of the sender's retired
-//! generations.
+//! generations. The same packet arrives once per link (a sender signs one packet and
+//! sends it on every link): sequence numbers are also tracked per link, so the copy of
+//! the newest packet is accepted once on each link (every link is seen alive) and never
+//! twice on one; a copy older than the newest packet (links reordered) is refused as
+//! stale, not counted as a replay.
 
 use hmac::{Hmac, Mac};
 use rdb_protocol::heartbeat::{self, AuthAlg, Packet, PacketError};
@@ -52,9 +56,19 @@ pub enum AuthError {
     /// The packet encodes wrongly (local bug or bad names).
     #[error("cannot encode: {0}")]
     Encode(PacketError),
-    /// Too many distinct senders.
-    #[error("too many senders tracked")]
+    /// Too many distinct senders, or a link index beyond [`MAX_LINKS`].
+    #[error("too many senders or links tracked")]
     TooManySenders,
+    /// A copy of an older packet arriving on another link after a newer one.
+    #[error("stale copy from '{sender}' (seq {seq}, newest {newest})")]
+    Stale {
+        /// Claimed sender.
+        sender: String,
+        /// Sequence number.
+        seq: u64,
+        /// Newest sequence number seen from the sender.
+        newest: u64,
+    },
 }
 
 macro_rules! hmac_with {
@@ -105,12 +119,34 @@ pub fn sign(keys: &AuthKeys, mut p: Packet) -> Result<Vec<u8>, AuthError> {
     Ok(out)
 }
 
+/// Links tracked per sender (packets on a link index beyond are refused).
+pub const MAX_LINKS: usize = 16;
+
 #[derive(Debug, Clone)]
 struct SenderTrack {
     generation: u64,
     seq: u64,
     timestamp_ms: u64,
     retired: Vec<u64>,
+    /// Newest sequence number accepted on each link (0: none).
+    link_seq: [u64; MAX_LINKS],
+}
+
+/// Counters of refused datagrams, by reason (for `status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedCounters {
+    /// Not a well-formed packet.
+    pub malformed: u64,
+    /// Unknown key index or algorithm.
+    pub unknown_key: u64,
+    /// MAC mismatch (wrong key, tampered).
+    pub bad_mac: u64,
+    /// Replayed or old sequence number / generation.
+    pub replay: u64,
+    /// Copies of older packets arriving late on another link (not an attack).
+    pub stale: u64,
+    /// Too many senders, or a link index out of range.
+    pub other: u64,
 }
 
 /// Verifies datagrams and remembers the newest `(generation, seq)` of each sender.
@@ -118,6 +154,7 @@ struct SenderTrack {
 pub struct Verifier {
     keys: AuthKeys,
     senders: HashMap<String, SenderTrack>,
+    refused: RefusedCounters,
 }
 
 impl Verifier {
@@ -126,12 +163,38 @@ impl Verifier {
         Verifier {
             keys,
             senders: HashMap::new(),
+            refused: RefusedCounters::default(),
         }
     }
 
-    /// Decodes and authenticates one datagram; on success the sender's counters advance.
-    /// A refused datagram changes nothing.
-    pub fn verify(&mut self, datagram: &[u8]) -> Result<Packet, AuthError> {
+    /// Refused datagrams so far, by reason.
+    pub fn refused(&self) -> &RefusedCounters {
+        &self.refused
+    }
+
+    /// Decodes and authenticates one datagram received on link `link`; on success the
+    /// sender's counters advance. A refused datagram changes nothing but the refusal
+    /// counters.
+    pub fn verify(&mut self, link: usize, datagram: &[u8]) -> Result<Packet, AuthError> {
+        let r = self.check(link, datagram);
+        if let Err(e) = &r {
+            let c = &mut self.refused;
+            match e {
+                AuthError::Malformed(_) => c.malformed += 1,
+                AuthError::UnknownKey { .. } => c.unknown_key += 1,
+                AuthError::BadMac(_) => c.bad_mac += 1,
+                AuthError::Replay { .. } => c.replay += 1,
+                AuthError::Stale { .. } => c.stale += 1,
+                AuthError::Encode(_) | AuthError::TooManySenders => c.other += 1,
+            }
+        }
+        r
+    }
+
+    fn check(&mut self, link: usize, datagram: &[u8]) -> Result<Packet, AuthError> {
+        if link >= MAX_LINKS {
+            return Err(AuthError::TooManySenders);
+        }
         let d = heartbeat::decode(datagram)?;
         let p = d.packet;
         let key = self
@@ -153,10 +216,19 @@ impl Verifier {
         };
         match self.senders.get_mut(&p.sender) {
             Some(t) if t.generation == p.generation => {
-                if p.seq <= t.seq {
+                if p.seq <= t.link_seq[link] {
                     return Err(replay());
                 }
+                if p.seq < t.seq {
+                    return Err(AuthError::Stale {
+                        sender: p.sender.clone(),
+                        seq: p.seq,
+                        newest: t.seq,
+                    });
+                }
+                // Newer, or the copy of the newest sent on another link.
                 t.seq = p.seq;
+                t.link_seq[link] = p.seq;
                 t.timestamp_ms = t.timestamp_ms.max(p.timestamp_ms);
             }
             Some(t) => {
@@ -172,6 +244,8 @@ impl Verifier {
                 t.retired.push(t.generation);
                 t.generation = p.generation;
                 t.seq = p.seq;
+                t.link_seq = [0; MAX_LINKS];
+                t.link_seq[link] = p.seq;
                 t.timestamp_ms = p.timestamp_ms;
             }
             None => {
@@ -185,6 +259,11 @@ impl Verifier {
                         seq: p.seq,
                         timestamp_ms: p.timestamp_ms,
                         retired: Vec::new(),
+                        link_seq: {
+                            let mut l = [0; MAX_LINKS];
+                            l[link] = p.seq;
+                            l
+                        },
                     },
                 );
             }
@@ -243,21 +322,24 @@ mod tests {
             let k = keys(alg);
             let mut v = Verifier::new(k.clone());
             let b = sign(&k, pkt(7, 1, 100)).unwrap();
-            let p = v.verify(&b).unwrap();
+            let p = v.verify(0, &b).unwrap();
             assert_eq!(p.alg, alg);
             for i in 0..b.len() {
                 let mut c = b.clone();
                 c[i] ^= 0x01;
-                assert!(v.verify(&c).is_err(), "{alg:?} byte {i} flipped accepted");
+                assert!(
+                    v.verify(0, &c).is_err(),
+                    "{alg:?} byte {i} flipped accepted"
+                );
             }
         }
         let mut other = keys(AuthAlg::Sha256);
         other.keys[0].secret = b"wrong".to_vec();
         let b = sign(&other, pkt(7, 1, 100)).unwrap();
         let mut v = Verifier::new(keys(AuthAlg::Sha256));
-        assert!(matches!(v.verify(&b), Err(AuthError::BadMac(_))));
+        assert!(matches!(v.verify(0, &b), Err(AuthError::BadMac(_))));
         let b = sign(&keys(AuthAlg::Md5), pkt(7, 1, 100)).unwrap();
-        assert!(matches!(v.verify(&b), Err(AuthError::UnknownKey { .. })));
+        assert!(matches!(v.verify(0, &b), Err(AuthError::UnknownKey { .. })));
     }
 
     #[test]
@@ -266,17 +348,53 @@ mod tests {
         let mut v = Verifier::new(k.clone());
         let s = |g, q, t| sign(&k, pkt(g, q, t)).unwrap();
         let first = s(1, 1, 1000);
-        v.verify(&first).unwrap();
-        assert!(matches!(v.verify(&first), Err(AuthError::Replay { .. })));
-        v.verify(&s(1, 5, 1010)).unwrap();
-        assert!(v.verify(&s(1, 4, 1020)).is_err(), "older seq");
+        v.verify(0, &first).unwrap();
+        assert!(matches!(v.verify(0, &first), Err(AuthError::Replay { .. })));
+        v.verify(0, &s(1, 5, 1010)).unwrap();
+        assert!(v.verify(0, &s(1, 4, 1020)).is_err(), "older seq");
         // Restart: new generation with a small seq and a later timestamp.
-        assert!(v.verify(&s(2, 100, 2000)).is_err(), "no sequence restart");
-        assert!(v.verify(&s(2, 1, 900)).is_err(), "older timestamp");
-        v.verify(&s(2, 1, 2000)).unwrap();
+        assert!(
+            v.verify(0, &s(2, 100, 2000)).is_err(),
+            "no sequence restart"
+        );
+        assert!(v.verify(0, &s(2, 1, 900)).is_err(), "older timestamp");
+        v.verify(0, &s(2, 1, 2000)).unwrap();
         // The retired generation cannot come back, even with a fresh-looking packet.
-        assert!(v.verify(&s(1, 6, 3000)).is_err());
-        assert!(v.verify(&s(1, 2, 3000)).is_err());
-        v.verify(&s(2, 2, 2001)).unwrap();
+        assert!(v.verify(0, &s(1, 6, 3000)).is_err());
+        assert!(v.verify(0, &s(1, 2, 3000)).is_err());
+        v.verify(0, &s(2, 2, 2001)).unwrap();
+    }
+
+    #[test]
+    fn one_copy_per_link_and_counters() {
+        let k = keys(AuthAlg::Sha256);
+        let mut v = Verifier::new(k.clone());
+        let a = sign(&k, pkt(1, 1, 1000)).unwrap();
+        v.verify(0, &a).unwrap();
+        v.verify(1, &a).unwrap();
+        assert!(v.verify(1, &a).is_err(), "twice on one link");
+        assert!(v.verify(0, &a).is_err(), "twice on one link");
+        let b = sign(&k, pkt(1, 2, 1001)).unwrap();
+        v.verify(1, &b).unwrap();
+        v.verify(0, &b).unwrap();
+        // An older packet is refused on every link, even one that missed it.
+        assert!(matches!(v.verify(2, &a), Err(AuthError::Stale { .. })));
+        let mut wrong = k.clone();
+        wrong.keys[0].secret = b"wrong".to_vec();
+        assert!(v
+            .verify(0, &sign(&wrong, pkt(1, 3, 1002)).unwrap())
+            .is_err());
+        assert!(v.verify(0, b"junk").is_err());
+        assert_eq!(
+            *v.refused(),
+            RefusedCounters {
+                malformed: 1,
+                unknown_key: 0,
+                bad_mac: 1,
+                replay: 2,
+                stale: 1,
+                other: 0
+            }
+        );
     }
 }

@@ -335,8 +335,12 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
                 is_tick = ev == Event::Tick;
                 machine.handle(now, ev)
             }
-            Input::Datagram(link, bytes) => match verifier.verify(&bytes) {
+            Input::Datagram(link, bytes) => match verifier.verify(link, &bytes) {
                 Ok(packet) => machine.handle(now, Event::Packet { link, packet }),
+                Err(e @ auth::AuthError::Stale { .. }) => {
+                    tracing::debug!("link {link}: packet refused: {e}");
+                    Vec::new()
+                }
                 Err(e) => {
                     tracing::warn!("link {link}: packet refused: {e}");
                     Vec::new()
@@ -362,7 +366,7 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
                         continue;
                     }
                 };
-                let st = machine.status(now_ms());
+                let st = status_json(&machine, &verifier, now_ms());
                 let mut v = serde_json::json!({"ok": true, "status": st});
                 if let Some(m) = msg {
                     v["message"] = serde_json::Value::from(m);
@@ -412,7 +416,7 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
         let _ = active_tx.send(machine.state() == NodeState::Active);
         if !is_tick || now.saturating_sub(last_status_write) >= 500 || machine.exited() {
             last_status_write = now;
-            write_status(&status_path, &machine, now);
+            write_status(&status_path, &status_json(&machine, &verifier, now));
         }
         if machine.exited() {
             break;
@@ -422,9 +426,21 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn write_status(path: &Path, m: &Machine, now: u64) {
+/// The machine's status plus the counters of refused packets (`refused_packets`).
+fn status_json(m: &Machine, v: &Verifier, now: u64) -> serde_json::Value {
+    let mut j = serde_json::to_value(m.status(now)).unwrap_or_default();
+    if let Some(o) = j.as_object_mut() {
+        o.insert(
+            "refused_packets".into(),
+            serde_json::to_value(v.refused()).unwrap_or_default(),
+        );
+    }
+    j
+}
+
+fn write_status(path: &Path, status: &serde_json::Value) {
     let tmp = path.with_extension("json.tmp");
-    let text = match serde_json::to_string_pretty(&m.status(now)) {
+    let text = match serde_json::to_string_pretty(status) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!("status: {e}");

@@ -280,6 +280,11 @@ pub struct Machine {
     standby: bool,
     start_failed: bool,
     ping_lost: bool,
+    /// A ping result arrived (until then this node does not start the group, and
+    /// does not announce itself cut off either: other nodes keep ranking it).
+    ping_known: bool,
+    /// Last answer of a ping node.
+    ping_ok_ms: Option<u64>,
     unclean: bool,
     stop_had_failure: bool,
     checks: Vec<CheckTrack>,
@@ -344,7 +349,9 @@ impl Machine {
             pending: None,
             standby: false,
             start_failed: false,
-            ping_lost: p.ping,
+            ping_lost: false,
+            ping_known: false,
+            ping_ok_ms: None,
             unclean: false,
             stop_had_failure: false,
             checks: vec![CheckTrack::default(); p.checks.len()],
@@ -505,8 +512,26 @@ impl Machine {
             }
             Event::Check { index, ok } => self.on_check(index, ok, &mut out),
             Event::Ping { reachable } => {
-                if self.p.ping && self.ping_lost == reachable {
-                    self.ping_lost = !reachable;
+                // Like ipfail's deadping: the ping nodes are lost after `deadtime`
+                // without an answer (at once when the first probe fails).
+                let first = !self.ping_known;
+                self.ping_known = true;
+                if reachable {
+                    self.ping_ok_ms = Some(now_ms);
+                }
+                let lost = if reachable {
+                    false
+                } else if first
+                    || self
+                        .ping_ok_ms
+                        .is_none_or(|t| now_ms.saturating_sub(t) >= self.p.deadtime_ms)
+                {
+                    true
+                } else {
+                    self.ping_lost
+                };
+                if self.p.ping && self.ping_lost != lost {
+                    self.ping_lost = lost;
                     let lvl = if reachable { Level::Info } else { Level::Warn };
                     log(
                         &mut out,
@@ -867,6 +892,16 @@ impl Machine {
                 self.p.resources.join(" ")
             ),
         );
+        if self.standby {
+            // Standby asks to give the group away now; a node that takes it because
+            // nobody else can (the others died) is its owner from now on.
+            log(
+                out,
+                Level::Info,
+                "Standby cleared: this node takes the group",
+            );
+            self.standby = false;
+        }
         self.stop_had_failure = false;
         self.started = 0;
         if self.res.is_empty() {
@@ -913,6 +948,11 @@ impl Machine {
 
     /// True when this node, holding the group, should keep it.
     fn want_hold(&self) -> bool {
+        // Cut off from the ping nodes: never hold the group, even when no other node
+        // can take it (no node serving beats two nodes serving).
+        if self.p.ping && self.ping_lost {
+            return false;
+        }
         let my_tier = Self::tier(self.flags());
         // Another active node (split brain healed): the better ranked keeps it.
         for pe in self.peers.iter().filter(|p| p.liveness == Liveness::Alive) {
@@ -969,6 +1009,9 @@ impl Machine {
                     return;
                 }
                 if self.peers.iter().any(|p| p.liveness == Liveness::Unknown) {
+                    return;
+                }
+                if self.p.ping && !self.ping_known {
                     return;
                 }
                 if self

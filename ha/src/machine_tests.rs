@@ -542,6 +542,15 @@ fn ping_tiebreaker_blocks_isolated_node() {
     // b is cut off from both a and the ping nodes: it must not take over.
     s.link_up = vec![false, false];
     s.event(1, Event::Ping { reachable: false });
+    s.run(DEADTIME_MS / 2);
+    s.event(1, Event::Ping { reachable: false });
+    assert!(
+        !s.logged(1, "Ping nodes unreachable"),
+        "lost before deadtime"
+    );
+    s.run(DEADTIME_MS);
+    s.event(1, Event::Ping { reachable: false });
+    assert!(s.logged(1, "Ping nodes unreachable"));
     s.run(3 * DEADTIME_MS);
     assert!(!s.active(1));
     assert!(s.active(0));
@@ -550,7 +559,16 @@ fn ping_tiebreaker_blocks_isolated_node() {
     s.event(1, Event::Ping { reachable: true });
     s.run(300);
     s.event(0, Event::Ping { reachable: false });
+    s.run(DEADTIME_MS + 10);
+    s.event(0, Event::Ping { reachable: false });
     s.until(500, |s| s.active(1));
+    // b is cut off from a and the ping nodes while it holds the group: it releases
+    // even though nobody can take over (a lost the ping nodes too).
+    s.link_up = vec![false, false];
+    s.run(DEADTIME_MS + 10);
+    s.event(1, Event::Ping { reachable: false });
+    s.until(500, |s| !s.active(1) && s.running[1].is_empty());
+    assert!(!s.active(0));
 }
 
 #[test]

@@ -182,6 +182,10 @@ fn print_status(v: &serde_json::Value) {
             );
         }
     }
+    if let Some(c) = s["refused_packets"].as_object() {
+        let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("refused packets: {}", parts.join(", "));
+    }
     for r in s["resources"].as_array().into_iter().flatten() {
         println!(
             "resource {}: {}",
