@@ -111,6 +111,7 @@ pub(crate) fn implemented(s: Section) -> &'static [&'static str] {
             "c-min-rate",
             "io-engine",
             "direct-io",
+            "al-updates",
         ],
         Section::Net => &[
             "protocol",
@@ -199,7 +200,6 @@ pub(crate) fn ignored(s: Section) -> &'static [(&'static str, Shape)] {
             ("disk-drain", Bool),
             ("md-flushes", Bool),
             ("resync-after", One),
-            ("al-updates", Bool),
             ("c-delay-target", One),
             ("disk-timeout", One),
             ("read-balancing", One),

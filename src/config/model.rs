@@ -278,6 +278,9 @@ pub struct DiskConfig {
     pub io_engine: IoEngineKind,
     /// Open the backing disk with O_DIRECT (rdb extension, default no).
     pub direct_io: bool,
+    /// Keep the activity log (default yes; `no` means a full resync after a
+    /// Primary crash).
+    pub al_updates: bool,
 }
 
 impl Default for DiskConfig {
@@ -292,6 +295,7 @@ impl Default for DiskConfig {
             c_min_rate_bytes_per_s: 250 * 1024,
             io_engine: IoEngineKind::Sync,
             direct_io: false,
+            al_updates: true,
         }
     }
 }

@@ -396,6 +396,7 @@ fn apply_disk(
                 d.io_engine = values::keyword(values::one(st)?, st.name(), IoEngineKind::ALL)?
             }
             "direct-io" => d.direct_io = values::boolean(st)?,
+            "al-updates" => d.al_updates = values::boolean(st)?,
             "rate" => return Err(unknown(Section::Disk, st)),
             _ => {
                 if !apply_resync_option(st, d)? {

@@ -208,7 +208,13 @@ impl Resource {
         // extent of its activity log may hold writes the peer never saw.
         let mut crashed_primary = md.superblock.has_flag(meta::flags::CRASHED_PRIMARY);
         if md.superblock.has_flag(meta::flags::PRIMARY_IND) {
-            let extents = meta::al::replay(&md)?;
+            let extents = if cfg.disk.al_updates {
+                meta::al::replay(&md)?
+            } else {
+                // Without an activity log any block may differ: all of them.
+                bitmap.set_all();
+                Vec::new()
+            };
             let marked = bitmap.set_extents(&extents);
             tracing::warn!(
                 resource = name,
@@ -239,6 +245,7 @@ impl Resource {
                 md: Some(md.clone()),
                 uuids,
                 crashed_primary,
+                activity_log: cfg.disk.al_updates,
             },
         )?);
         tracing::info!(

@@ -144,6 +144,8 @@ pub struct VolumeMeta {
     pub uuids: GenerationUuids,
     /// Crashed while Primary (the activity log was replayed into the bitmap).
     pub crashed_primary: bool,
+    /// Keep an activity log (`al-updates yes`, the default).
+    pub activity_log: bool,
 }
 
 /// `State` frame flag: the sender starts a resync as SyncSource.
@@ -288,6 +290,7 @@ impl Volume {
         let al = meta
             .md
             .as_ref()
+            .filter(|_| meta.activity_log)
             .map(|md| AlGate::new(lock_md(md).clone()))
             .transpose()?;
         Ok(Volume {
