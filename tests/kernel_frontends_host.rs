@@ -27,7 +27,11 @@ impl OneNode {
         let dir = PathBuf::from(format!("/tmp/rdb-test-kfe-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("run")).unwrap();
-        run_ok(10, "truncate", &["-s", "64M", &dir.join("disk.img").display().to_string()]);
+        run_ok(
+            10,
+            "truncate",
+            &["-s", "64M", &dir.join("disk.img").display().to_string()],
+        );
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -101,11 +105,20 @@ fn explicit_frontend(frontend: &str, available: bool, message: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     if available {
-        assert!(out.status.success(), "up with frontend {frontend} on a kernel that has it: {text}");
+        assert!(
+            out.status.success(),
+            "up with frontend {frontend} on a kernel that has it: {text}"
+        );
         return;
     }
-    assert!(!out.status.success(), "up with frontend {frontend} succeeded without the module: {text}");
-    assert!(text.contains(message), "frontend {frontend}: message {text:?} lacks {message:?}");
+    assert!(
+        !out.status.success(),
+        "up with frontend {frontend} succeeded without the module: {text}"
+    );
+    assert!(
+        text.contains(message),
+        "frontend {frontend}: message {text:?} lacks {message:?}"
+    );
     // "Never a hang": the refusal is immediate (bounded by the 60 s run timeout above;
     // 20 s leaves room for a loaded CI machine).
     assert!(took.as_secs() < 20, "refusal took {took:?}");
@@ -113,7 +126,10 @@ fn explicit_frontend(frontend: &str, available: bool, message: &str) {
     // Nothing is left up: status says so and a later `up` with fuse works.
     let st = n.adm(&["status", "r0", "--json"]);
     let st = String::from_utf8_lossy(&st.stdout);
-    assert!(!st.contains("\"role\":\"Primary\""), "status after refused up: {st}");
+    assert!(
+        !st.contains("\"role\":\"Primary\""),
+        "status after refused up: {st}"
+    );
 }
 
 #[test]
@@ -146,7 +162,10 @@ fn frontend_auto_falls_back_to_fuse_loop_and_says_why() {
     let out = n.adm_ok(&["status", "r0", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let r = &v["resources"][0];
-    let reason = r["frontend_reason"].as_str().unwrap_or_default().to_string();
+    let reason = r["frontend_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let expected = if have_ublk() {
         "ublk"
     } else if have_nbd() {
@@ -156,20 +175,44 @@ fn frontend_auto_falls_back_to_fuse_loop_and_says_why() {
     };
     assert_eq!(r["frontend"], expected, "status: {r}");
     if expected == "fuse+loop" {
-        assert!(reason.contains("ublk module not loaded"), "reason: {reason}");
+        assert!(
+            reason.contains("ublk module not loaded"),
+            "reason: {reason}"
+        );
         assert!(reason.contains("nbd module not loaded"), "reason: {reason}");
         // The device really is there and holds data.
         let target = std::fs::read_link(&n.device).unwrap();
-        assert!(target.to_string_lossy().starts_with("/dev/loop"), "link -> {}", target.display());
+        assert!(
+            target.to_string_lossy().starts_with("/dev/loop"),
+            "link -> {}",
+            target.display()
+        );
         let pattern = n.dir.join("pattern");
-        run_ok(10, "sh", &["-c", &format!("head -c 1048576 /dev/urandom > {}", pattern.display())]);
+        run_ok(
+            10,
+            "sh",
+            &[
+                "-c",
+                &format!("head -c 1048576 /dev/urandom > {}", pattern.display()),
+            ],
+        );
         run_ok(
             30,
             "dd",
-            &[&format!("if={}", pattern.display()), &format!("of={}", n.device.display()), "bs=64k", "oflag=direct", "status=none"],
+            &[
+                &format!("if={}", pattern.display()),
+                &format!("of={}", n.device.display()),
+                "bs=64k",
+                "oflag=direct",
+                "status=none",
+            ],
         );
         let back = sha256_of(&n.device, Some(1 << 20));
-        assert_eq!(back, sha256_of(&pattern, None), "data read back through the fallback device");
+        assert_eq!(
+            back,
+            sha256_of(&pattern, None),
+            "data read back through the fallback device"
+        );
     }
     n.adm_ok(&["down", "r0"]);
     assert!(!n.device.exists(), "device link left after down");

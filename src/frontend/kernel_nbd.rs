@@ -257,14 +257,17 @@ impl KernelNbdDevice {
         let netlink = if opts.force_ioctl {
             None
         } else {
-            let mut sock = GenlSocket::open(NETLINK_TIMEOUT_MS).map_err(|e| fail(e.into(), &stop))?;
+            let mut sock =
+                GenlSocket::open(NETLINK_TIMEOUT_MS).map_err(|e| fail(e.into(), &stop))?;
             match sock.resolve_family(attr::FAMILY_NAME) {
                 Ok(family) => Some((sock, family)),
                 Err(GenlError::NoFamily(_)) if Path::new("/dev/nbd0").exists() => {
                     tracing::warn!("generic netlink family nbd missing; using the NBD ioctls");
                     None
                 }
-                Err(GenlError::NoFamily(_)) => return Err(fail(KernelNbdError::ModuleMissing, &stop)),
+                Err(GenlError::NoFamily(_)) => {
+                    return Err(fail(KernelNbdError::ModuleMissing, &stop))
+                }
                 Err(e) => return Err(fail(e.into(), &stop)),
             }
         };
@@ -484,7 +487,8 @@ impl KernelNbdDevice {
                     .map_err(KernelNbdError::from)
             }
             Control::Ioctl { file, thread } => {
-                let r = ioctl(file.as_raw_fd(), NBD_DISCONNECT, 0).map_err(io_err("NBD_DISCONNECT"));
+                let r =
+                    ioctl(file.as_raw_fd(), NBD_DISCONNECT, 0).map_err(io_err("NBD_DISCONNECT"));
                 if let Some(t) = thread.take() {
                     let deadline = Instant::now() + Duration::from_millis(DETACH_WAIT_MS);
                     while !t.is_finished() && Instant::now() < deadline {
@@ -551,7 +555,8 @@ pub(crate) fn install_link(link: &Path, target: &Path) -> Result<(), KernelNbdEr
     std::fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
     let tmp = parent.join(format!(".rdb-link-tmp.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).map_err(io_err(format!("symlink {}", tmp.display())))?;
+    std::os::unix::fs::symlink(target, &tmp)
+        .map_err(io_err(format!("symlink {}", tmp.display())))?;
     std::fs::rename(&tmp, link).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         KernelNbdError::Io {

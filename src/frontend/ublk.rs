@@ -131,7 +131,11 @@ fn ublk_err(what: &str) -> impl FnOnce(UblkError) -> UblkFrontendError + '_ {
 
 /// A device a previous rdbd left for recovery, if any.
 fn recoverable(state_path: &Path) -> Option<u32> {
-    let id: u32 = std::fs::read_to_string(state_path).ok()?.trim().parse().ok()?;
+    let id: u32 = std::fs::read_to_string(state_path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
     let info = ctrl.dev_info();
     let with_recovery = info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0;
@@ -140,7 +144,11 @@ fn recoverable(state_path: &Path) -> Option<u32> {
         Some(id)
     } else {
         // Not recoverable (created without recovery, or dead): remove it.
-        tracing::info!(dev_id = id, state, "removing an unrecoverable ublk device left by a previous rdbd");
+        tracing::info!(
+            dev_id = id,
+            state,
+            "removing an unrecoverable ublk device left by a previous rdbd"
+        );
         let _ = ctrl.kill_dev();
         let _ = ctrl.del_dev();
         None
@@ -156,9 +164,14 @@ impl UblkDevice {
     ) -> Result<UblkDevice, UblkFrontendError> {
         module_available()?;
         let features = UblkCtrl::get_features().unwrap_or(0);
-        let recovery_flags = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+        let recovery_flags =
+            u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
         let recovery = opts.recovery && features & recovery_flags == recovery_flags;
-        let recover_id = if recovery { recoverable(&opts.state_path) } else { None };
+        let recover_id = if recovery {
+            recoverable(&opts.state_path)
+        } else {
+            None
+        };
         let size_bytes = io.size_bytes();
         let stopping = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
@@ -171,11 +184,15 @@ impl UblkDevice {
                 .name("ublk-ctrl".into())
                 .spawn(move || {
                     let started = ready_tx.clone();
-                    if let Err(e) = run_device(io, &opts, recovery, recover_id, size_bytes, runtime, &stopping, ready_tx) {
+                    if let Err(e) = run_device(
+                        io, &opts, recovery, recover_id, size_bytes, runtime, &stopping, ready_tx,
+                    ) {
                         let _ = started.send(Err(e.to_string()));
                     }
                 })
-                .map_err(|e| UblkFrontendError::Ublk(format!("spawning the ublk control thread: {e}")))?
+                .map_err(|e| {
+                    UblkFrontendError::Ublk(format!("spawning the ublk control thread: {e}"))
+                })?
         };
         let dev_id = match ready_rx.recv_timeout(Duration::from_millis(START_WAIT_MS)) {
             Ok(Ok(id)) => id,
@@ -192,10 +209,20 @@ impl UblkDevice {
         };
         let how = format!(
             "ublk /dev/ublkb{dev_id}{}: {} queue(s) x depth {}, user recovery {}",
-            if recover_id.is_some() { " recovered after an rdbd restart" } else { "" },
+            if recover_id.is_some() {
+                " recovered after an rdbd restart"
+            } else {
+                ""
+            },
             opts.nr_queues,
             opts.queue_depth,
-            if recovery { "on" } else if opts.recovery { "not offered by this kernel" } else { "off" }
+            if recovery {
+                "on"
+            } else if opts.recovery {
+                "not offered by this kernel"
+            } else {
+                "off"
+            }
         );
         if let Err(e) = std::fs::write(&opts.state_path, format!("{dev_id}\n")) {
             tracing::warn!(path = %opts.state_path.display(), error = %e, "cannot record the ublk device id");
@@ -260,7 +287,8 @@ impl UblkDevice {
     fn stop(&mut self) -> Result<(), UblkFrontendError> {
         remove_link(&self.opts.link_path, &self.dev_path);
         self.stopping.store(true, Ordering::Release);
-        let ctrl = UblkCtrl::new_simple(self.dev_id as i32).map_err(ublk_err("opening the device"))?;
+        let ctrl =
+            UblkCtrl::new_simple(self.dev_id as i32).map_err(ublk_err("opening the device"))?;
         ctrl.kill_dev().map_err(ublk_err("STOP_DEV"))?;
         if let Some(t) = self.thread.take() {
             let deadline = Instant::now() + Duration::from_millis(STOP_WAIT_MS);
@@ -299,8 +327,10 @@ fn run_device(
 ) -> Result<(), UblkFrontendError> {
     let (id, dev_flags) = match recover_id {
         Some(id) => {
-            let old = UblkCtrl::new_simple(id as i32).map_err(ublk_err("opening the device to recover"))?;
-            old.start_user_recover().map_err(ublk_err("START_USER_RECOVERY"))?;
+            let old = UblkCtrl::new_simple(id as i32)
+                .map_err(ublk_err("opening the device to recover"))?;
+            old.start_user_recover()
+                .map_err(ublk_err("START_USER_RECOVERY"))?;
             (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         }
         None => (-1, UblkFlags::UBLK_DEV_F_ADD_DEV),
@@ -474,9 +504,11 @@ async fn handle_request(
         ),
         sys::UBLK_IO_OP_FLUSH => Job::Flush,
         sys::UBLK_IO_OP_DISCARD => Job::Discard(offset, len_bytes),
-        sys::UBLK_IO_OP_WRITE_ZEROES => {
-            Job::Zeroes(offset, len_bytes, iod.op_flags & sys::UBLK_IO_F_NOUNMAP == 0)
-        }
+        sys::UBLK_IO_OP_WRITE_ZEROES => Job::Zeroes(
+            offset,
+            len_bytes,
+            iod.op_flags & sys::UBLK_IO_F_NOUNMAP == 0,
+        ),
         _ => return -libc::EOPNOTSUPP,
     };
     let (tx, mut rx) = tokio::sync::oneshot::channel::<Result<Option<Vec<u8>>, IoError>>();
@@ -502,7 +534,10 @@ async fn handle_request(
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
         }
         let sqe = opcode::PollAdd::new(types::Fd(bell.0.as_raw_fd()), libc::POLLIN as u32).build();
-        if ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await.is_err() {
+        if ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .is_err()
+        {
             return -libc::EIO;
         }
         bell.drain();

@@ -94,7 +94,7 @@ add_mod() {
     for d in $deps; do add_mod "$d"; done
     MODS="$MODS $m"
 }
-for m in nbd ublk_drv virtio_blk ext4; do add_mod "$m"; done
+for m in nbd ublk_drv virtio_blk crc32c_generic ext4; do add_mod "$m"; done
 echo "vm: modules:$MODS"
 strip -o "$IRD/bin/rdbd" "$SBIN/rdbd"
 strip -o "$IRD/bin/rdbadm" "$SBIN/rdbadm"
