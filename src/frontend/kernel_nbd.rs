@@ -198,6 +198,19 @@ fn is_configured(index: u32) -> bool {
     Path::new(&format!("/sys/block/nbd{index}/pid")).exists()
 }
 
+/// The backend identifier rdbd gives its devices: names the run directory and
+/// resource, so a stale record never makes rdbd touch somebody else's device.
+fn backend_id(state_path: &Path) -> String {
+    format!("rdb:{}", state_path.display())
+}
+
+/// Whether `/dev/nbd<index>` is configured and carries our backend identifier.
+fn is_ours(index: u32, backend: &str) -> bool {
+    is_configured(index)
+        && std::fs::read_to_string(format!("/sys/block/nbd{index}/backend"))
+            .is_ok_and(|b| b.trim_end_matches('\n') == backend)
+}
+
 fn sockets_attr(kernel_fds: &[OwnedFd]) -> AttrBuf {
     let mut socks = AttrBuf::new();
     for fd in kernel_fds {
@@ -275,9 +288,13 @@ impl KernelNbdDevice {
         let (index, control, how) = match netlink {
             Some((mut sock, family)) => {
                 let mut reconfigured = None;
-                if let Some(old) = recorded_index(&opts.state_path).filter(|i| is_configured(*i)) {
+                let backend = backend_id(&opts.state_path);
+                if let Some(old) =
+                    recorded_index(&opts.state_path).filter(|i| is_ours(*i, &backend))
+                {
                     let mut a = AttrBuf::new();
                     a.put_u32(attr::ATTR_INDEX, old)
+                        .put_str(attr::ATTR_BACKEND_IDENTIFIER, &backend)
                         .put_nested(attr::ATTR_SOCKETS, &sockets_attr(&kernel_fds));
                     match sock.request(family, attr::CMD_RECONFIGURE, attr::VERSION, &a) {
                         Ok(_) => reconfigured = Some(old),
@@ -304,7 +321,8 @@ impl KernelNbdDevice {
                         a.put_u64(attr::ATTR_SIZE_BYTES, size_bytes)
                             .put_u64(attr::ATTR_BLOCK_SIZE_BYTES, opts.block_size_bytes)
                             .put_u64(attr::ATTR_SERVER_FLAGS, flags)
-                            .put_u64(attr::ATTR_DEAD_CONN_TIMEOUT, opts.dead_conn_timeout_s);
+                            .put_u64(attr::ATTR_DEAD_CONN_TIMEOUT, opts.dead_conn_timeout_s)
+                            .put_str(attr::ATTR_BACKEND_IDENTIFIER, &backend);
                         if opts.timeout_s > 0 {
                             a.put_u64(attr::ATTR_TIMEOUT, opts.timeout_s);
                         }

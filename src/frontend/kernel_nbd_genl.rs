@@ -60,6 +60,8 @@ pub mod nbd {
     pub const ATTR_SOCKETS: u16 = 7;
     /// `NBD_ATTR_DEAD_CONN_TIMEOUT` (u64, seconds).
     pub const ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+    /// `NBD_ATTR_BACKEND_IDENTIFIER` (string, shown in `/sys/block/nbdX/backend`).
+    pub const ATTR_BACKEND_IDENTIFIER: u16 = 10;
     /// `NBD_SOCK_ITEM` (nested).
     pub const SOCK_ITEM: u16 = 1;
     /// `NBD_SOCK_FD` (u32).

@@ -138,6 +138,34 @@ fn recoverable(state_path: &Path) -> Option<u32> {
         .ok()?;
     let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
     let info = ctrl.dev_info();
+    // A device whose server is alive belongs to somebody else (the run-dir lock
+    // guarantees it is not a previous rdbd of ours): never touch it.
+    // SAFETY: kill(pid, 0) only checks whether the process exists.
+    if info.ublksrv_pid > 0 && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0 {
+        tracing::warn!(
+            dev_id = id,
+            pid = info.ublksrv_pid,
+            "recorded ublk device is served by a live process; not recovering it"
+        );
+        return None;
+    }
+    // Only a device this run directory's resource created (its libublk json names
+    // our state file) is recovered or removed.
+    let ours = ctrl
+        .get_target_data_from_json()
+        .and_then(|v| {
+            v.get("rdb_state")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        })
+        .is_some_and(|s| Path::new(&s) == state_path);
+    if !ours {
+        tracing::warn!(
+            dev_id = id,
+            "recorded ublk device was not created for this resource; ignoring it"
+        );
+        return None;
+    }
     let with_recovery = info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0;
     let state = u32::from(info.state);
     if with_recovery && state != sys::UBLK_S_DEV_DEAD {
@@ -350,7 +378,9 @@ fn run_device(
         .dev_flags(dev_flags)
         .build()
         .map_err(ublk_err("creating the device"))?;
+    let identity = serde_json::json!({ "rdb_state": opts.state_path.display().to_string() });
     let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_target_json(identity);
         let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
         dev.tgt.dev_size = size_bytes;
         dev.tgt.params = sys::ublk_params {

@@ -190,6 +190,47 @@ scenario_nbd_kill9() {
     log "ok: $dev reconfigured with new sockets after kill -9, data intact"
 }
 
+# --- scenario: DISCARD and WRITE_ZEROES reach the volume (frontend $1)
+scenario_trim() {
+    fe=$1
+    d=$(fresh "trim-$fe" "$fe" C vm) || die "setup"
+    adm "$d" vm create-md r0 && adm "$d" vm up r0 && adm "$d" vm primary r0 --force || die "up/primary"
+    dev=$(readlink "$d/dev-r0"); q=/sys/block/${dev#/dev/}/queue
+    [ "$(cat $q/discard_max_bytes)" -gt 0 ] || die "$dev advertises no discard"
+    [ "$(cat $q/write_zeroes_max_bytes)" -gt 0 ] || die "$dev advertises no write zeroes"
+    dd if=/dev/urandom of=/tmp/trim.src bs=1M count=8 2>/dev/null
+    dd if=/dev/zero of=/tmp/zero.2m bs=1M count=2 2>/dev/null
+    dd if=/tmp/trim.src of="$dev" bs=1M oflag=direct 2>/dev/null || die "write pattern"
+    sync
+    before=$(du -k "$d/vm.img" | cut -f1)
+    /usr/sbin/blkdiscard -o 0 -l 4194304 "$dev" || die "blkdiscard"
+    /usr/sbin/blkdiscard -z -o 4194304 -l 2097152 "$dev" || die "blkdiscard -z (BLKZEROOUT)"
+    after=$(du -k "$d/vm.img" | cut -f1)
+    for off in 0 1 2; do
+        dd if="$dev" bs=2M skip=$off count=1 iflag=direct 2>/dev/null | cmp - /tmp/zero.2m || die "range $((off * 2))M..$((off * 2 + 2))M not zero"
+    done
+    dd if="$dev" bs=2M skip=3 count=1 iflag=direct of=/tmp/trim.back 2>/dev/null
+    dd if=/tmp/trim.src bs=2M skip=3 count=1 2>/dev/null | cmp - /tmp/trim.back || die "untouched range 6M..8M changed"
+    [ $((before - after)) -ge 3072 ] || die "backing file did not shrink by the discarded 4 MiB (du ${before}k -> ${after}k): discard did not reach the volume"
+    adm "$d" vm down r0 || die "down"
+    log "ok: discard (4 MiB) and write-zeroes (2 MiB) read back as zeroes, untouched data intact, backing file ${before}k -> ${after}k"
+}
+
+# --- scenario: kernel NBD through the ioctl fallback (RDB_NBD_IOCTL=1)
+scenario_nbd_ioctl() {
+    d=$(fresh nbd-ioctl nbd C vm) || die "setup"
+    adm "$d" vm create-md r0 || die "create-md"
+    RDB_NBD_IOCTL=1 adm "$d" vm up r0 || die "up"
+    adm "$d" vm primary r0 --force || die "primary"
+    reason=$(status_field "$d" vm frontend_reason)
+    echo "$reason" | grep -q "via ioctl" || die "not the ioctl path: $reason"
+    dev=$(readlink "$d/dev-r0")
+    fio_verify "$d/dev-r0" 8 || die "fio verify"
+    adm "$d" vm down r0 || die "down"
+    [ -e "/sys/block/${dev#/dev/}/pid" ] && die "$dev still configured after down"
+    log "ok: $reason; fio verify 8 MiB; disconnected at down"
+}
+
 bench_one() { # bench_one <target> <device>
     for job in randread:4k:16 randwrite:4k:16 read:1M:4 write:1M:4; do
         rw=${job%%:*}; rest=${job#*:}; bs=${rest%%:*}; qd=${rest#*:}
@@ -212,7 +253,8 @@ bench() {
         d=/tmp/bench-$fe; rm -rf "$d"; mkdir -p "$d"
         ln -s /dev/vdb "$d/vm.img"
         DISK_OPTS="io-engine uring; direct-io yes;" conf "$d" "$fe" C vm
-        adm "$d" vm create-md r0 || die "create-md"
+        # the same disk serves both frontends in turn: new meta-data each time
+        adm "$d" vm create-md r0 --force || die "create-md"
         adm "$d" vm up r0 && adm "$d" vm primary r0 --force || die "up/primary $fe"
         bench_one "$fe" "$d/dev-r0"
         adm "$d" vm down r0 || die "down $fe"
@@ -234,7 +276,7 @@ run_scenario() { # run_scenario <name> <timeout_s> <function args...>
     # whatever a failed scenario left running
     for p in /tmp/*/run-*/rdbd.pid; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null; done
     grep -q " /mnt/t " /proc/mounts && umount /mnt/t; grep -q " /mnt/k " /proc/mounts && umount /mnt/k
-    rm -rf /tmp/fs-* /tmp/pair-* /tmp/ublk-kill9 /tmp/nbd-kill9 2>/dev/null
+    rm -rf /tmp/fs-* /tmp/pair-* /tmp/ublk-kill9 /tmp/nbd-kill9 /tmp/trim-* /tmp/nbd-ioctl 2>/dev/null
     true
 }
 
@@ -247,6 +289,9 @@ case ${1:-all} in
         run_scenario pair-protocol-c-nbd 300 two_nodes nbd
         run_scenario ublk-kill9-recovery 240 ublk_kill9
         run_scenario nbd-kill9-reconfigure 240 nbd_kill9
+        run_scenario ublk-discard-zeroes 120 trim ublk
+        run_scenario nbd-discard-zeroes 120 trim nbd
+        run_scenario nbd-ioctl-fallback 120 nbd_ioctl
         echo RDB-VM-DONE
         ;;
     host_checks)
@@ -258,6 +303,8 @@ case ${1:-all} in
     two_nodes) scenario_two_nodes "$2" ;;
     ublk_kill9) scenario_ublk_kill9 ;;
     nbd_kill9) scenario_nbd_kill9 ;;
+    trim) scenario_trim "$2" ;;
+    nbd_ioctl) scenario_nbd_ioctl ;;
     bench) bench; echo RDB-VM-DONE ;;
     *) die "unknown scenario $1" ;;
 esac

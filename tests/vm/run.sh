@@ -109,6 +109,7 @@ copy_dyn() { # copy_dyn <host binary> <guest path>: binary + shared libraries (l
 copy_dyn "$(command -v fio)" /usr/bin/fio
 copy_dyn /usr/sbin/mke2fs /usr/sbin/mkfs.ext4
 copy_dyn /usr/sbin/e2fsck /usr/sbin/fsck.ext4
+copy_dyn /usr/sbin/blkdiscard /usr/sbin/blkdiscard
 cp /etc/ld.so.cache "$IRD/etc/" 2>/dev/null || true
 cp /etc/mke2fs.conf "$IRD/etc/" 2>/dev/null || true
 cp "$ROOT/tests/vm/guest.sh" "$IRD/guest.sh"
