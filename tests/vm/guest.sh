@@ -115,10 +115,12 @@ in_sync() {
 # --- scenario: two nodes on loopback, protocol C, fio verify, disks identical
 scenario_two_nodes() {
     fe=$1
-    d=$(fresh "pair-$fe" "$fe" C alpha beta) || die "setup"
+    # smaller disks: the initial full sync dominates this scenario under TCG
+    d=$(SIZE_MB=${RDB_VM_PAIR_DISK_MB:-64} fresh "pair-$fe" "$fe" C alpha beta) || die "setup"
     for n in alpha beta; do adm "$d" $n create-md r0 || die "create-md $n"; adm "$d" $n up r0 || die "up $n"; done
     adm "$d" alpha primary r0 --force || die "primary --force"
     wait_until 120 in_sync "$d" || die "initial sync did not finish: $(adm "$d" alpha status r0)"
+    log "initial sync done"
     fio_verify "$d/dev-r0" "$FIO_MB" || die "fio verify"
     size=$(status_field "$d" alpha size_bytes)
     wait_until 30 in_sync "$d" || die "not in sync after fio"
