@@ -9,3 +9,5 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/deps.sh
 cargo build --release --workspace --quiet
 cargo test --release --workspace -- --test-threads=2
+# Kernel frontends (kernel NBD, ublk) on a 6.12 kernel in a TCG VM: a few minutes.
+tests/vm/run.sh

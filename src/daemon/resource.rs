@@ -22,7 +22,9 @@ use crate::engine::sync::SplitBrainPolicy;
 use crate::engine::volume::{lock_md, VolumeMeta};
 use crate::engine::{ConnState, DiskState, Role, Volume};
 use crate::frontend::fuse::{FuseLoopDevice, FuseLoopOptions};
+use crate::frontend::kernel_nbd::{self, KernelNbdDevice, KernelNbdOptions};
 use crate::frontend::nbd::{ExportInfo, ExportLookup, ExportResolver, NbdLimits, NbdServer};
+use crate::frontend::ublk::{self, UblkDevice, UblkOptions};
 use crate::meta::{self, MetaData, MetaLocation};
 use crate::peer::{PeerAuth, PeerSettings};
 use crate::storage::{self, BlockIo, EngineKind};
@@ -111,35 +113,71 @@ pub struct Resource {
     nbd_stop: watch::Sender<bool>,
     nbd_tasks: Vec<JoinHandle<()>>,
     device: Option<FuseLoopDevice>,
+    kernel_dev: Option<KernelDevice>,
     frontend: &'static str,
     frontend_reason: String,
     replication: Option<Replication>,
 }
 
-/// Picks the block-device frontend for this kernel.
+/// A kernel block device served by rdbd (`frontend nbd` / `frontend ublk`).
+enum KernelDevice {
+    Nbd(KernelNbdDevice),
+    Ublk(UblkDevice),
+}
+
+impl KernelDevice {
+    fn link_path(&self) -> &std::path::Path {
+        match self {
+            KernelDevice::Nbd(d) => d.link_path(),
+            KernelDevice::Ublk(d) => d.link_path(),
+        }
+    }
+    fn is_in_use(&self) -> bool {
+        match self {
+            KernelDevice::Nbd(d) => d.is_in_use(),
+            KernelDevice::Ublk(d) => d.is_in_use(),
+        }
+    }
+    fn description(&self) -> &str {
+        match self {
+            KernelDevice::Nbd(d) => d.description(),
+            KernelDevice::Ublk(d) => d.description(),
+        }
+    }
+    fn detach(&mut self) -> Result<(), String> {
+        match self {
+            KernelDevice::Nbd(d) => d.detach().map_err(|e| e.to_string()),
+            KernelDevice::Ublk(d) => d.detach().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Picks the block-device frontend for this kernel; `Err` (with what to do) when
+/// the configured one cannot work here.
 fn choose_frontend(kind: FrontendKind) -> Result<(&'static str, String), String> {
     match kind {
         FrontendKind::None => Ok(("none", "frontend none: NBD socket only".into())),
         FrontendKind::Fuse => Ok(("fuse+loop", "frontend fuse configured".into())),
-        FrontendKind::Nbd => Err(
-            "frontend nbd (kernel /dev/nbdX) is not implemented in this version: use `frontend fuse;` or `frontend auto;`"
-                .into(),
-        ),
-        FrontendKind::Ublk => Err(
-            "frontend ublk is not implemented in this version: use `frontend fuse;` or `frontend auto;`"
-                .into(),
-        ),
+        FrontendKind::Nbd => kernel_nbd::module_available()
+            .map(|()| ("nbd", "frontend nbd configured: kernel NBD device".into()))
+            .map_err(|e| e.to_string()),
+        FrontendKind::Ublk => ublk::module_available()
+            .map(|()| ("ublk", "frontend ublk configured: ublk device".into()))
+            .map_err(|e| e.to_string()),
         FrontendKind::Auto => {
-            let ublk = std::path::Path::new("/dev/ublk-control").exists();
-            let nbd = std::path::Path::new("/sys/module/nbd").exists();
-            Ok((
-                "fuse+loop",
-                format!(
-                    "auto: ublk {}, kernel nbd {}; using FUSE + loop",
-                    if ublk { "present but not yet supported by rdb" } else { "module not loaded (no /dev/ublk-control)" },
-                    if nbd { "present but not yet supported by rdb" } else { "module not loaded (no /sys/module/nbd)" },
+            let ublk = ublk::module_available();
+            let nbd = kernel_nbd::module_available();
+            Ok(match (ublk, nbd) {
+                (Ok(()), _) => ("ublk", "auto: ublk available (/dev/ublk-control); using ublk".into()),
+                (Err(_), Ok(())) => (
+                    "nbd",
+                    "auto: no ublk (ublk_drv not loaded, no /dev/ublk-control); kernel nbd loaded; using kernel NBD".into(),
                 ),
-            ))
+                (Err(_), Err(_)) => (
+                    "fuse+loop",
+                    "auto: ublk module not loaded (no /dev/ublk-control), kernel nbd module not loaded (no /sys/module/nbd); using FUSE + loop".into(),
+                ),
+            })
         }
     }
 }
@@ -186,6 +224,9 @@ impl Resource {
                 cfg.volumes.len()
             )));
         }
+        // An explicit `frontend nbd`/`ublk` on a kernel without it fails `up` at once.
+        let (frontend, frontend_reason) =
+            choose_frontend(cfg.frontend).map_err(ResourceError::Unsupported)?;
         let vol = &cfg.volumes[0];
         let md = meta::read_md(&vol.disk, &meta_location(&vol.meta_disk))?;
         let (storage, io_engine) = storage::open_with_info(
@@ -347,10 +388,6 @@ impl Resource {
             digest("verify-alg", &cfg.net.verify_alg)?,
         );
         let keeper = tokio::spawn(keep_meta(volume.clone()));
-        let (frontend, frontend_reason) = match choose_frontend(cfg.frontend) {
-            Ok(f) => f,
-            Err(reason) => ("none", reason),
-        };
         Ok((
             Resource {
                 cfg,
@@ -363,6 +400,7 @@ impl Resource {
                 nbd_stop,
                 nbd_tasks,
                 device: None,
+                kernel_dev: None,
                 frontend,
                 frontend_reason,
                 replication,
@@ -421,6 +459,19 @@ impl Resource {
                     return Err(e);
                 }
             }
+        } else if self.kernel_dev.is_none() && matches!(self.frontend, "nbd" | "ublk") {
+            match tokio::task::block_in_place(|| self.attach_kernel_device()) {
+                Ok(dev) => {
+                    tracing::info!(resource = self.name(), "{}", dev.description());
+                    self.kernel_dev = Some(dev);
+                }
+                Err(e) => {
+                    let _ = self.volume.demote();
+                    self.md().superblock.flags &= !meta::flags::PRIMARY_IND;
+                    let _ = self.persist();
+                    return Err(e);
+                }
+            }
         } else if self.frontend == "none" {
             warnings.push(format!(
                 "{}: no block device ({}); the NBD socket {} serves the data",
@@ -450,6 +501,34 @@ impl Resource {
         })
     }
 
+    fn attach_kernel_device(&self) -> Result<KernelDevice, ResourceError> {
+        let vol = &self.cfg.volumes[0];
+        let state = |ext: &str| self.run_dir.join(format!("{}.{ext}", self.name()));
+        let io = self.volume.clone() as Arc<dyn BlockIo>;
+        let rt = tokio::runtime::Handle::current();
+        let device_err = |message: String| ResourceError::Device {
+            path: vol.device.clone(),
+            message,
+        };
+        if self.frontend == "ublk" {
+            let opts = UblkOptions::from_env(vol.device.clone(), state("ublk-id"));
+            UblkDevice::attach(io, opts, &rt)
+                .map(KernelDevice::Ublk)
+                .map_err(|e| device_err(e.to_string()))
+        } else {
+            let export = ExportInfo {
+                name: self.name().to_string(),
+                description: format!("rdb resource {} (kernel NBD)", self.name()),
+                device: io,
+                read_only: false,
+            };
+            let opts = KernelNbdOptions::from_env(vol.device.clone(), state("nbd-index"));
+            KernelNbdDevice::attach(export, opts, &rt)
+                .map(KernelDevice::Nbd)
+                .map_err(|e| device_err(e.to_string()))
+        }
+    }
+
     /// Demotes: removes the block device (refused while it is open) and waits for
     /// NBD clients to leave (refused if they do not within a second).
     pub async fn secondary(&mut self) -> Result<(), ResourceError> {
@@ -457,6 +536,15 @@ impl Resource {
             return Ok(());
         }
         if let Some(dev) = &self.device {
+            if dev.is_in_use() {
+                return Err(crate::engine::StateChangeError::HeldOpen(format!(
+                    "{} is open or mounted",
+                    dev.link_path().display()
+                ))
+                .into());
+            }
+        }
+        if let Some(dev) = &self.kernel_dev {
             if dev.is_in_use() {
                 return Err(crate::engine::StateChangeError::HeldOpen(format!(
                     "{} is open or mounted",
@@ -485,6 +573,13 @@ impl Resource {
                 });
             }
             self.device = None;
+        }
+        if let Some(dev) = self.kernel_dev.as_mut() {
+            let path = dev.link_path().to_path_buf();
+            if let Err(message) = tokio::task::block_in_place(|| dev.detach()) {
+                return Err(ResourceError::Device { path, message });
+            }
+            self.kernel_dev = None;
         }
         self.volume.demote()?;
         self.volume.announce_state();
@@ -709,7 +804,10 @@ impl Resource {
                 .to_string(),
             nbd_tcp: self.cfg.nbd_listen.map(|a| a.to_string()),
             frontend: self.frontend.to_string(),
-            frontend_reason: self.frontend_reason.clone(),
+            frontend_reason: match &self.kernel_dev {
+                Some(dev) => format!("{}; {}", self.frontend_reason, dev.description()),
+                None => self.frontend_reason.clone(),
+            },
             backing_device: self
                 .device
                 .as_ref()

@@ -268,3 +268,28 @@ where
         Some(session) => transmission::serve(session, &ctx.limits, rd, wr, shutdown).await,
     }
 }
+
+/// Serves one socket whose other end belongs to the kernel's NBD client
+/// (`/dev/nbdX`): the kernel starts in the transmission phase (no handshake,
+/// simple replies only), so this goes straight to the request loop. Used by
+/// `frontend::kernel_nbd`.
+pub async fn serve_transmission_only(
+    export: ExportInfo,
+    limits: NbdLimits,
+    stream: tokio::net::UnixStream,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let session = handshake::Session {
+        export,
+        structured: false,
+        base_allocation: false,
+    };
+    let (rd, wr) = stream.into_split();
+    transmission::serve(session, &limits, rd, wr, shutdown).await
+}
+
+/// The transmission flags the kernel client is given for `export` (what the
+/// handshake would advertise without structured replies).
+pub fn kernel_transmission_flags(export: &ExportInfo) -> u16 {
+    handshake::transmission_flags(export, false)
+}
