@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Resync benchmark (issue "Meta-data in action"), three figures measured in one run:
+#  1. full resync throughput on loopback (primary --force on a fresh pair, 2 GiB, 1 GiB
+#     of it random data), against the backing file's sequential read speed (fio,
+#     O_DIRECT, same file system) -> target >= min(1 GiB/s, 90 % of that read speed);
+#  2. smart resync time after 1 % of a 10 GiB device was written while disconnected
+#     (random 4 KiB blocks) -> target < 2 s;
+#  3. activity-log overhead: 4k randwrite QD32 inside the hot set (1 GiB, AL warm),
+#     `al-updates yes` vs `al-updates no`, interleaved rounds -> target < 3 %.
+# Writes results/resync.json and results/resync.md.
+. "$(dirname "$0")/lib.sh"
+[ "$(id -u)" = 0 ] || { echo "needs root"; exit 1; }
+"$ROOT/scripts/deps.sh"
+bench_build
+T=$(mktemp -d /tmp/rdb-bench-resync.XXXXXX)
+P=$((20000 + RANDOM % 20000))
+ADM() { local n=$1; shift; "$BIN/rdbadm" -c "$T/rdb.conf" --node "$n" --run-dir "$T/run-$n" "$@"; }
+cleanup() {
+  for n in alpha beta; do ADM $n down all >/dev/null 2>&1 || true; done
+  rm -rf "$T"
+}
+trap cleanup EXIT
+jget() { # jget NODE EXPR (r = resources[0])
+  ADM "$1" status r0 --json | python3 -c "import json,sys; r=json.load(sys.stdin)['resources'][0]; print($2)"
+}
+conf() { # conf SIZE EXTRA_DISK
+  rm -f "$T"/alpha.img "$T"/beta.img
+  truncate -s "$1" "$T/alpha.img" "$T/beta.img"
+  cat > "$T/rdb.conf" <<CONF
+resource r0 {
+    device /dev/rdb-bench-$$;
+    meta-disk internal;
+    frontend none;
+    disk { c-max-rate 4G; $2 }
+    on alpha { disk $T/alpha.img; address 127.0.0.1:$P; }
+    on beta { disk $T/beta.img; address 127.0.0.1:$((P + 1)); }
+}
+CONF
+}
+in_sync() { [ "$(jget alpha 'r["connection"]=="Connected" and r["peer_disk"]=="UpToDate" and r["out_of_sync_bytes"]==0')" = True ]; }
+wait_sync() { local deadline=$((SECONDS + $1)); until in_sync; do [ $SECONDS -lt $deadline ] || return 1; sleep 0.05; done; }
+now() { date +%s.%N; }
+
+# 1. Full resync.
+conf 2G ""
+dd if=/dev/urandom of="$T/alpha.img" bs=1M count=1024 conv=notrunc status=none
+read_bps=$(fio --name=r --filename="$T/alpha.img" --rw=read --bs=1M --direct=1 --size=1G \
+  --ioengine=psync --output-format=json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"])')
+for n in alpha beta; do ADM $n create-md r0 --force >/dev/null; ADM $n up r0 >/dev/null; done
+t0=$(now); ADM alpha primary r0 --force >/dev/null
+wait_sync 300 || { echo "full sync did not finish"; exit 1; }
+t1=$(now)
+full_bytes=$(jget alpha 'r["resync_bytes_total"]')
+for n in alpha beta; do ADM $n down r0 >/dev/null; done
+cmp -n "$full_bytes" "$T/alpha.img" "$T/beta.img" >/dev/null || { echo "disks differ after the full sync"; exit 1; }
+full_bps=$(python3 -c "print(int($full_bytes/($t1-$t0)))")
+echo "full resync: $full_bytes bytes in $(python3 -c "print(round($t1-$t0,2))") s = $((full_bps/1048576)) MiB/s; backing file O_DIRECT sequential read $((read_bps/1048576)) MiB/s"
+
+# 2. Smart resync of 1 % of 10 GiB.
+conf 10G ""
+for n in alpha beta; do ADM $n create-md r0 --force >/dev/null; ADM $n up r0 >/dev/null; done
+deadline=$((SECONDS + 30)); until [ "$(jget beta 'r["connection"]')" = Connected ]; do [ $SECONDS -lt $deadline ] || exit 1; sleep 0.1; done
+ADM alpha new-current-uuid --clear-bitmap r0 >/dev/null
+wait_sync 30 || { echo "skip-sync failed"; exit 1; }
+ADM alpha primary r0 >/dev/null
+ADM beta disconnect r0 >/dev/null
+size=$(jget alpha 'r["size_bytes"]'); blocks=$((size / 4096 / 100))
+fio --name=dirty --ioengine=nbd --uri="nbd+unix:///r0?socket=$T/run-alpha/r0.nbd" --rw=randwrite --bs=4k \
+  --iodepth=32 --size="$size" --number_ios=$blocks --randseed=3 --output=/dev/null >/dev/null 2>&1
+oos=$(jget alpha 'r["out_of_sync_bytes"]'); before=$(jget alpha 'r["resync_bytes_total"]')
+t0=$(now); ADM beta connect r0 >/dev/null
+wait_sync 120 || { echo "smart resync did not finish"; exit 1; }
+t1=$(now)
+smart_s=$(python3 -c "print(round($t1-$t0,3))")
+smart_bytes=$(( $(jget alpha 'r["resync_bytes_total"]') - before ))
+ADM alpha secondary r0 >/dev/null; for n in alpha beta; do ADM $n down r0 >/dev/null; done
+echo "smart resync: $oos bytes out of sync ($blocks random 4k writes on $size bytes), $smart_bytes bytes sent in $smart_s s (connect to in sync)"
+
+# 3. Activity-log overhead inside the hot set (one node, no peer: only the AL differs).
+al_iops() { # al_iops yes|no -> IOPS of a warm randwrite QD32 run on the first 1 GiB
+  conf 2G "al-updates $1;"
+  ADM alpha create-md r0 --force >/dev/null; ADM alpha up r0 >/dev/null; ADM alpha primary r0 --force >/dev/null 2>&1
+  local U="nbd+unix:///r0?socket=$T/run-alpha/r0.nbd"
+  fio --name=warm --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 --size=1G \
+    --time_based --runtime=2 --output=/dev/null >/dev/null 2>&1
+  local al0; al0=$(jget alpha 'r["counters"]["al_writes"]')
+  local r; r=$(fio_job "$U" randwrite 4k 32)
+  local al1; al1=$(jget alpha 'r["counters"]["al_writes"]')
+  ADM alpha secondary r0 >/dev/null; ADM alpha down r0 >/dev/null
+  echo "${r%% *} $((al1 - al0))"
+}
+on=(); off=(); al_tr=0
+for i in $(seq "$ROUNDS"); do
+  read -r a tr < <(al_iops yes); on+=("$a"); al_tr=$((al_tr + tr))
+  read -r b _ < <(al_iops no); off+=("$b")
+  echo "  round $i: al-updates yes $a IOPS ($tr AL transactions during the run), no $b IOPS"
+done
+python3 - "$RESULTS" "$full_bps" "$read_bps" "$full_bytes" "$smart_s" "$oos" "$smart_bytes" "$al_tr" "${on[*]}" "${off[*]}" <<'PY'
+import json, statistics, sys
+res, full_bps, read_bps, full_bytes, smart_s, oos, smart_bytes, al_tr = sys.argv[1], *map(float, sys.argv[2:9])
+on = [float(x) for x in sys.argv[9].split()]; off = [float(x) for x in sys.argv[10].split()]
+mon, moff = statistics.median(on), statistics.median(off)
+overhead = 100.0 * (moff - mon) / moff if moff else 0.0
+full_target = min(1 << 30, 0.9 * read_bps)
+out = {
+    "full_resync_bytes_per_s": full_bps, "backing_seq_read_bytes_per_s": read_bps,
+    "full_resync_target_bytes_per_s": full_target, "full_resync_ratio_to_target": full_bps / full_target,
+    "smart_resync_s": smart_s, "smart_resync_out_of_sync_bytes": oos, "smart_resync_sent_bytes": smart_bytes,
+    "al_on_iops": on, "al_off_iops": off, "al_overhead_percent": overhead,
+    "al_transactions_in_measured_runs": al_tr,
+}
+json.dump(out, open(f"{res}/resync.json", "w"), indent=2)
+md = f"""| figure | measured | target |
+|---|---|---|
+| full resync | {full_bps/2**20:.0f} MiB/s ({full_bytes/2**20:.0f} MiB) | >= {full_target/2**20:.0f} MiB/s (min of 1 GiB/s and 90 % of the {read_bps/2**20:.0f} MiB/s O_DIRECT read) |
+| smart resync, 1 % of 10 GiB dirty | {smart_s:.2f} s ({smart_bytes/2**20:.1f} MiB sent) | < 2 s |
+| AL overhead, 4k randwrite QD32 in the hot set | {overhead:.1f} % ({mon:.0f} vs {moff:.0f} IOPS, medians; {al_tr:.0f} AL writes) | < 3 % |
+"""
+open(f"{res}/resync.md", "w").write(md)
+print(md)
+PY
