@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh TARGET SECONDS     one target
 #   scripts/fuzz.sh list               the target names
 #
-# CI (scripts/test.sh) runs `scripts/fuzz.sh all 12`; the long run of docs/reliability.md
+# CI (scripts/test.sh) runs `scripts/fuzz.sh all 10`; the long run of docs/reliability.md
 # is `nice -n 19 scripts/fuzz.sh TARGET 600` per target. Works on the stable toolchain:
 # no sanitizer (`-s none`, the decoders are safe Rust), debug assertions on (overflow
 # checks), libFuzzer's coverage instrumentation. Installs cargo-fuzz if missing.

@@ -6,7 +6,8 @@
 //! accepted: read-only commands (`ping`, `status`) are served to anyone; commands that
 //! change roles or states only to uid 0 and to members of the `control-group` (primary
 //! group, or listed as a member in the group database). The group is resolved when the
-//! daemon starts.
+//! daemon starts. Users other than root hold at most [`MAX_UNPRIVILEGED_CONNECTIONS`]
+//! connections at once.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
@@ -28,6 +29,10 @@ pub struct Peer {
     /// Effective gid of the connecting process.
     pub gid: u32,
 }
+
+/// Control connections open at once from users other than root; more are answered with
+/// an error and closed (root is never limited, so a local user cannot lock it out).
+pub const MAX_UNPRIVILEGED_CONNECTIONS: usize = 16;
 
 /// Buffer size for the reentrant passwd/group lookups.
 const LOOKUP_BUF_BYTES: usize = 64 * 1024;

@@ -37,6 +37,8 @@ struct Daemon {
     opts: DaemonOptions,
     /// Who besides root may change states (see [`access`]).
     control_group: Option<access::ControlGroup>,
+    /// Control connections open from users other than root.
+    unprivileged_conns: std::sync::atomic::AtomicUsize,
     resources: Mutex<BTreeMap<String, Resource>>,
     stop: watch::Sender<bool>,
 }
@@ -91,6 +93,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let daemon = Arc::new(Daemon {
         opts,
         control_group,
+        unprivileged_conns: std::sync::atomic::AtomicUsize::new(0),
         resources: Mutex::new(BTreeMap::new()),
         stop,
     });
@@ -127,6 +130,20 @@ impl Daemon {
             gid: c.gid(),
         });
         let (read, mut write) = stream.into_split();
+        let _slot = match self.unprivileged_slot(peer) {
+            Ok(slot) => slot,
+            Err(()) => {
+                let r = Response::error(format!(
+                    "too many control connections from users other than root (at most {})",
+                    access::MAX_UNPRIVILEGED_CONNECTIONS
+                ));
+                if let Ok(mut out) = serde_json::to_vec(&r) {
+                    out.push(b'\n');
+                    let _ = write.write_all(&out).await;
+                }
+                return;
+            }
+        };
         let mut reader = BufReader::new(read);
         let mut line = Vec::new();
         loop {
@@ -185,6 +202,21 @@ impl Daemon {
                 return;
             }
         }
+    }
+
+    /// Counts a connection from a user other than root; `Err` when the limit is
+    /// reached. The guard gives the slot back when dropped.
+    fn unprivileged_slot(&self, peer: Option<access::Peer>) -> Result<Option<SlotGuard<'_>>, ()> {
+        use std::sync::atomic::Ordering;
+        if peer.is_some_and(|p| p.uid == 0) {
+            return Ok(None);
+        }
+        let before = self.unprivileged_conns.fetch_add(1, Ordering::SeqCst);
+        let guard = SlotGuard(&self.unprivileged_conns);
+        if before >= access::MAX_UNPRIVILEGED_CONNECTIONS {
+            return Err(());
+        }
+        Ok(Some(guard))
     }
 
     async fn execute(&self, command: Command) -> Response {
@@ -293,6 +325,15 @@ impl Daemon {
                 tracing::error!(resource = %name, "down at exit: {e}");
             }
         }
+    }
+}
+
+/// Gives an unprivileged connection slot back.
+struct SlotGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
