@@ -455,3 +455,57 @@ fn rdbadm_up_refuses_corrupt_meta_data() {
     assert_eq!(c.status("alpha")["disk"], "Inconsistent");
     c.adm_ok("alpha", &["down", "r0"]);
 }
+
+/// Regression (found by the `meta_image` fuzz target, input
+/// `fuzz/seeds/meta_image/crash-2ed0b843...`): a checksummed superblock whose
+/// `al_tr_number` is u64::MAX made `ActivityLog::from_meta` overflow `+ 1` (a panic
+/// with overflow checks; in release a wrap to transaction 0, older than every slot).
+/// Numbers above 2^63 - 1 are now corrupt, in the superblock and in AL transactions.
+#[test]
+fn fuzz_regression_al_tr_number_at_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sparse(dir.path(), "disk", DISK_BYTES);
+    let md = crashed_primary(&disk, 3);
+    let at = md.layout.superblock_offset_bytes;
+    for n in [u64::MAX, 1 << 63] {
+        let mut sb = md.superblock.clone();
+        sb.al_tr_number = n;
+        write_bytes(&disk, at, &sb.encode());
+        let err = read_md(&disk, &MetaLocation::Internal).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("activity log transaction number implausibly large"),
+            "{err}"
+        );
+        // The in-memory path refuses too, without panicking.
+        let mut in_memory = md.clone();
+        in_memory.superblock.al_tr_number = n;
+        assert!(matches!(
+            ActivityLog::from_meta(&in_memory),
+            Err(MetaError::Corrupt { .. })
+        ));
+    }
+    write_bytes(&disk, at, &md.superblock.encode());
+    // A checksummed AL transaction numbered u64::MAX is damaged, not the newest.
+    let mut huge = tr(&md, 3);
+    huge.tr_number = (1 << 63) - 2; // slot 6
+    write_transaction(&md, &huge).unwrap();
+    huge.tr_number = u64::MAX;
+    assert!(encode_transaction(&huge).is_err());
+    let mut block = encode_transaction(&tr(&md, 7)).unwrap();
+    block[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    block[12..16].fill(0);
+    let crc = crc32(&block);
+    block[12..16].copy_from_slice(&crc.to_le_bytes());
+    write_bytes(&disk, slot_offset(&md, 7), &block);
+    let md_now = read_md(&disk, &MetaLocation::Internal).unwrap();
+    let r = recover_al(&md_now).unwrap();
+    assert!(
+        matches!(r.slots[7], SlotState::Damaged { .. }),
+        "{:?}",
+        r.slots[7]
+    );
+    assert_eq!(r.newest.unwrap().tr_number, (1 << 63) - 2);
+    let log = ActivityLog::from_meta(&md_now).unwrap();
+    assert_eq!(log.last_tr_number(), (1 << 63) - 2);
+}
