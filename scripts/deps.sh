@@ -2,7 +2,7 @@
 # Installs the Debian packages rdb's build, quickstart and tests need (idempotent).
 set -euo pipefail
 pkgs=(fio nbdkit libnbd-bin python3-libnbd qemu-utils fuse3 e2fsprogs util-linux
-      iproute2 nftables pkg-config)
+      iproute2 nftables pkg-config passwd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -41,7 +41,8 @@ fi
 
 # FUZZ_NO_BUILD=1 runs the binaries built before (long runs while the sources change).
 if [ "${FUZZ_NO_BUILD:-0}" != 1 ]; then
-  cargo fuzz build -s none $run >/dev/null 2>build.log || { cat build.log >&2; exit 1; }
+  one=$([ "$1" = all ] || echo "$1")  # cargo fuzz build takes one target or none (all)
+  cargo fuzz build -s none $one >/dev/null 2>build.log || { cat build.log >&2; exit 1; }
   rm -f build.log
 fi
 bin_dir=target/$(rustc -vV | sed -n 's/^host: //p')/release
