@@ -2,7 +2,7 @@
 # Installs the Debian packages rdb's build, quickstart and tests need (idempotent).
 set -euo pipefail
 pkgs=(fio nbdkit libnbd-bin python3-libnbd qemu-utils fuse3 e2fsprogs util-linux
-      iproute2 nftables pkg-config keepalived psmisc
+      iproute2 nftables pkg-config keepalived psmisc passwd
       qemu-system-x86 busybox-static cpio libclang-dev)  # last line: tests/vm (VM harness, libublk bindgen)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -9,5 +9,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/deps.sh
 cargo build --release --workspace --quiet
 cargo test --release --workspace -- --test-threads=2
+# Short fuzzing run of every decoder (10 s each; long runs: docs/reliability.md).
+nice -n 10 scripts/fuzz.sh all 10
 # Kernel frontends (kernel NBD, ublk) on a 6.12 kernel in a TCG VM: a few minutes.
 tests/vm/run.sh

@@ -7,7 +7,9 @@ use rdb_protocol::heartbeat;
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = heartbeat::decode(data) {
         let mut out = Vec::new();
-        d.packet.encode_unsigned(&mut out).expect("a decoded packet encodes");
+        d.packet
+            .encode_unsigned(&mut out)
+            .expect("a decoded packet encodes");
         assert_eq!(out, d.signed);
         assert_eq!(d.signed.len() + d.mac.len(), data.len());
     }

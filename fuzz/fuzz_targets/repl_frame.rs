@@ -13,7 +13,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(used <= data.len());
             let volume = u32::from_le_bytes([data[8], data[9], data[10], data[11]]);
             let mut out = Vec::new();
-            frame.encode(volume, &mut out).expect("a decoded frame encodes");
+            frame
+                .encode(volume, &mut out)
+                .expect("a decoded frame encodes");
             assert_eq!(out.as_slice(), &data[..used]);
         }
         Err(FrameError::Incomplete { needed }) => {

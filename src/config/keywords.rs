@@ -62,7 +62,7 @@ pub(crate) enum Shape {
 pub(crate) fn implemented(s: Section) -> &'static [&'static str] {
     match s {
         Section::Top => &["global", "common", "resource", "include", "skip"],
-        Section::Global => &["usage-count"],
+        Section::Global => &["usage-count", "control-group"],
         Section::Common => &[
             "disk", "net", "startup", "options", "handlers", "syncer", "protocol",
         ],

@@ -66,6 +66,8 @@ pub struct Config {
     common: Option<usize>,
     resources: Vec<Resource>,
     warnings: Vec<Warning>,
+    /// `global { control-group NAME; }` (rdb extension).
+    control_group: Option<String>,
 }
 
 /// The settings sections resolve to.
@@ -721,12 +723,32 @@ fn build_resource(
     Ok(r)
 }
 
-fn check_global(st: &Stmt, w: &mut Vec<Warning>) -> Result<(), ConfigError> {
+/// Checks `global`; returns its `control-group`.
+fn check_global(st: &Stmt, w: &mut Vec<Warning>) -> Result<Option<String>, ConfigError> {
     let (_, block) = section_head(st, 0, 0)?;
     let mut seen = Seen::new("global");
+    let mut control_group = None;
     for inner in &block.stmts {
         seen.check(inner.name(), &inner.kw.pos)?;
-        if inner.name() == "usage-count" {
+        if inner.name() == "control-group" {
+            let a = values::one(inner)?;
+            // A POSIX portable group name (or a numeric gid), as useradd accepts it.
+            let valid = !a.text.is_empty()
+                && a.text.len() <= 32
+                && !a.text.starts_with('-')
+                && a.text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !valid {
+                return Err(ConfigError::invalid(
+                    &a.pos,
+                    "control-group",
+                    &a.text,
+                    "expected a group name (letters, digits, '_', '-', '.'; at most 32) or a gid",
+                ));
+            }
+            control_group = Some(a.text.clone());
+        } else if inner.name() == "usage-count" {
             let a = values::one(inner)?;
             match a.text.as_str() {
                 "no" => {}
@@ -750,7 +772,7 @@ fn check_global(st: &Stmt, w: &mut Vec<Warning>) -> Result<(), ConfigError> {
             other(Section::Global, inner, Some(w))?;
         }
     }
-    Ok(())
+    Ok(control_group)
 }
 
 fn check_common(st: &Stmt, w: &mut Vec<Warning>) -> Result<(), ConfigError> {
@@ -773,13 +795,14 @@ pub(crate) fn build(stmts: Vec<Stmt>) -> Result<Config, ConfigError> {
         common: None,
         resources: Vec::new(),
         warnings: Vec::new(),
+        control_group: None,
     };
     let mut once = Seen::new("top level");
     for st in stmts {
         match st.name() {
             "global" => {
                 once.check("global", &st.kw.pos)?;
-                check_global(&st, &mut w)?;
+                cfg.control_group = check_global(&st, &mut w)?;
             }
             "common" => {
                 once.check("common", &st.kw.pos)?;
@@ -969,6 +992,12 @@ impl Config {
             frontend: host.frontend.or(r.frontend).unwrap_or_default(),
             nbd_listen: host.nbd_listen.or(r.nbd_listen),
         })
+    }
+
+    /// The group whose members may change roles and states through the control socket
+    /// (`global { control-group NAME; }`); root always may.
+    pub fn control_group(&self) -> Option<&str> {
+        self.control_group.as_deref()
     }
 
     /// Normalized DRBD-syntax text of the configuration (includes expanded, comments

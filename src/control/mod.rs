@@ -1,6 +1,7 @@
 //! The control protocol between `rdbadm` and `rdbd`.
 //!
-//! JSON lines over the unix socket `<run-dir>/rdbd.sock` (mode 0600): the client
+//! JSON lines over the unix socket `<run-dir>/rdbd.sock` (mode 0666; who may change
+//! state is checked per connection, see `daemon::access`): the client
 //! writes one [`Request`] line, the daemon answers one [`Response`] line, and either
 //! side may close. The protocol is versioned (`v`); the daemon refuses a version it
 //! does not speak. [`ResourceStatus`] is the structure `status --json` prints, the
@@ -102,6 +103,30 @@ pub enum AdminAction {
     Outdate,
     /// Start online verify against the peer.
     Verify,
+}
+
+impl Command {
+    /// Whether the command only reads (served to anyone who can reach the socket);
+    /// the others change roles or states (root or the `control-group` only).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Command::Ping | Command::Status { .. })
+    }
+
+    /// The command's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Ping => "ping",
+            Command::Up { .. } => "up",
+            Command::Down { .. } => "down",
+            Command::Primary { .. } => "primary",
+            Command::Secondary { .. } => "secondary",
+            Command::Connect { .. } => "connect",
+            Command::Disconnect { .. } => "disconnect",
+            Command::Status { .. } => "status",
+            Command::Shutdown => "shutdown",
+            Command::Admin { .. } => "admin",
+        }
+    }
 }
 
 /// A request line.

@@ -9,6 +9,7 @@
 //! carries out `up`, `down`, `primary`, `secondary` for one resource;
 //! [`replication`] keeps its link to the peer.
 
+pub mod access;
 pub mod replication;
 pub mod resource;
 pub mod server;

@@ -417,6 +417,13 @@ impl Resource {
         self.md.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// No longer Primary: no crash replay needed at the next `up`.
+    fn mark_not_primary(&self) {
+        let mut md = self.md();
+        md.superblock.flags &= !meta::flags::PRIMARY_IND;
+        md.superblock.flags |= meta::flags::AL_CLEAN;
+    }
+
     fn persist(&mut self) -> Result<(), ResourceError> {
         let mut md = self.md();
         let mut sb = md.superblock.clone();
@@ -438,7 +445,12 @@ impl Resource {
         }
         // The volume made a new data generation if needed (forced, or no peer);
         // PRIMARY_IND on disk tells the next `up` that a crash left AL extents hot.
-        self.md().superblock.flags |= meta::flags::PRIMARY_IND;
+        {
+            let mut md = self.md();
+            md.superblock.flags |= meta::flags::PRIMARY_IND;
+            // From now on the AL may hold extents to replay after a crash.
+            md.superblock.flags &= !meta::flags::AL_CLEAN;
+        }
         self.persist()?;
         self.volume.announce_state();
         if forced {
@@ -454,7 +466,7 @@ impl Resource {
                 Err(e) => {
                     // Roll back: a Primary without its device would surprise everyone.
                     let _ = self.volume.demote();
-                    self.md().superblock.flags &= !meta::flags::PRIMARY_IND;
+                    self.mark_not_primary();
                     let _ = self.persist();
                     return Err(e);
                 }
@@ -467,7 +479,7 @@ impl Resource {
                 }
                 Err(e) => {
                     let _ = self.volume.demote();
-                    self.md().superblock.flags &= !meta::flags::PRIMARY_IND;
+                    self.mark_not_primary();
                     let _ = self.persist();
                     return Err(e);
                 }
@@ -584,7 +596,7 @@ impl Resource {
         self.volume.demote()?;
         self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
-        self.md().superblock.flags &= !meta::flags::PRIMARY_IND;
+        self.mark_not_primary();
         self.persist()?;
         Ok(())
     }

@@ -11,6 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Mutex};
 
 use crate::control::{self, Command, Request, Response, MAX_LINE_BYTES, PROTOCOL_VERSION};
+use crate::daemon::access;
 use crate::daemon::resource::Resource;
 use crate::daemon::DaemonOptions;
 
@@ -34,6 +35,10 @@ pub enum DaemonError {
 
 struct Daemon {
     opts: DaemonOptions,
+    /// Who besides root may change states (see [`access`]).
+    control_group: Option<access::ControlGroup>,
+    /// Control connections open from users other than root.
+    unprivileged_conns: std::sync::atomic::AtomicUsize,
     resources: Mutex<BTreeMap<String, Resource>>,
     stop: watch::Sender<bool>,
 }
@@ -64,7 +69,20 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let sock_path = control::socket_path(&run_dir);
     let _ = std::fs::remove_file(&sock_path);
     let listener = UnixListener::bind(&sock_path).map_err(io("cannot bind", &sock_path))?;
-    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+    // Anyone may connect and read the status; state changes are checked per
+    // connection (SO_PEERCRED, see `access`).
+    let control_group = match access::configured_group(&opts.config_path) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("{e}: only root may change states");
+            None
+        }
+    };
+    if let Some(g) = &control_group {
+        std::os::unix::fs::chown(&sock_path, Some(0), Some(g.gid))
+            .map_err(io("cannot chown", &sock_path))?;
+    }
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o666))
         .map_err(io("cannot chmod", &sock_path))?;
     let pid_path = run_dir.join("rdbd.pid");
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
@@ -74,6 +92,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let (stop, mut stopped) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         opts,
+        control_group,
+        unprivileged_conns: std::sync::atomic::AtomicUsize::new(0),
         resources: Mutex::new(BTreeMap::new()),
         stop,
     });
@@ -105,7 +125,25 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
 
 impl Daemon {
     async fn serve_connection(self: Arc<Self>, stream: UnixStream) {
+        let peer = stream.peer_cred().ok().map(|c| access::Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+        });
         let (read, mut write) = stream.into_split();
+        let _slot = match self.unprivileged_slot(peer) {
+            Ok(slot) => slot,
+            Err(()) => {
+                let r = Response::error(format!(
+                    "too many control connections from users other than root (at most {})",
+                    access::MAX_UNPRIVILEGED_CONNECTIONS
+                ));
+                if let Ok(mut out) = serde_json::to_vec(&r) {
+                    out.push(b'\n');
+                    let _ = write.write_all(&out).await;
+                }
+                return;
+            }
+        };
         let mut reader = BufReader::new(read);
         let mut line = Vec::new();
         loop {
@@ -124,7 +162,27 @@ impl Daemon {
             if n == 0 {
                 return;
             }
+            let too_long = n >= MAX_LINE_BYTES && !line.ends_with(b"\n");
             let response = match serde_json::from_slice::<Request>(&line) {
+                _ if too_long => Response::error(format!(
+                    "bad control request: line longer than {MAX_LINE_BYTES} bytes"
+                )),
+                Ok(req)
+                    if req.v == PROTOCOL_VERSION
+                        && !req.command.is_read_only()
+                        && !access::may_change(peer, self.control_group.as_ref()) =>
+                {
+                    tracing::warn!(
+                        ?peer,
+                        command = req.command.name(),
+                        "control: permission denied"
+                    );
+                    Response::error(access::refusal(
+                        req.command.name(),
+                        peer,
+                        self.control_group.as_ref(),
+                    ))
+                }
                 Ok(req) if req.v == PROTOCOL_VERSION => self.execute(req.command).await,
                 Ok(req) => Response::error(format!(
                     "control protocol version {} not supported (rdbd speaks {PROTOCOL_VERSION})",
@@ -139,10 +197,26 @@ impl Daemon {
                 }
             };
             out.push(b'\n');
-            if write.write_all(&out).await.is_err() {
+            if write.write_all(&out).await.is_err() || too_long {
+                // An over-long line: the rest of it is not read as further requests.
                 return;
             }
         }
+    }
+
+    /// Counts a connection from a user other than root; `Err` when the limit is
+    /// reached. The guard gives the slot back when dropped.
+    fn unprivileged_slot(&self, peer: Option<access::Peer>) -> Result<Option<SlotGuard<'_>>, ()> {
+        use std::sync::atomic::Ordering;
+        if peer.is_some_and(|p| p.uid == 0) {
+            return Ok(None);
+        }
+        let before = self.unprivileged_conns.fetch_add(1, Ordering::SeqCst);
+        let guard = SlotGuard(&self.unprivileged_conns);
+        if before >= access::MAX_UNPRIVILEGED_CONNECTIONS {
+            return Err(());
+        }
+        Ok(Some(guard))
     }
 
     async fn execute(&self, command: Command) -> Response {
@@ -258,6 +332,15 @@ impl Daemon {
                 tracing::error!(resource = %name, "down at exit: {e}");
             }
         }
+    }
+}
+
+/// Gives an unprivileged connection slot back.
+struct SlotGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -46,6 +46,10 @@ pub const AL_VERSION: u32 = 1;
 pub const AL_MIN_EXTENTS: u32 = 7;
 /// Default al-extents (DRBD's default).
 pub const AL_DEFAULT_EXTENTS: u32 = 1237;
+/// Largest transaction number accepted on disk (2^63 - 1): no log reaches it (a
+/// million transactions a second for 292,000 years), so a larger one is corruption, and
+/// numbering on after it can never overflow.
+pub const AL_MAX_TR_NUMBER: u64 = (1 << 63) - 1;
 /// Transaction header size.
 const HEADER_BYTES: usize = 48;
 const CRC_OFFSET: usize = 12;
@@ -100,6 +104,12 @@ pub fn encode_transaction(tr: &AlTransaction) -> Result<[u8; 4096], MetaError> {
         return Err(MetaError::InvalidArgument(
             "AL transaction extents must be strictly ascending".to_string(),
         ));
+    }
+    if tr.tr_number > AL_MAX_TR_NUMBER {
+        return Err(MetaError::InvalidArgument(format!(
+            "AL transaction number {} above {AL_MAX_TR_NUMBER}",
+            tr.tr_number
+        )));
     }
     if tr.extents.len() > tr.al_extents as usize {
         return Err(MetaError::InvalidArgument(format!(
@@ -177,6 +187,9 @@ pub fn decode_transaction(buf: &[u8]) -> Result<AlTransaction, MetaError> {
             expected,
             found,
         });
+    }
+    if u64_at(&bytes, 16) > AL_MAX_TR_NUMBER {
+        return Err(corrupt("transaction number implausibly large (>= 2^63)"));
     }
     let al_extents = u32_at(&bytes, 32);
     let count = u32_at(&bytes, 36) as usize;
@@ -303,6 +316,15 @@ impl ActivityLog {
             .as_ref()
             .map_or(0, |tr| tr.tr_number)
             .max(sb.al_tr_number);
+        // Both numbers are at most AL_MAX_TR_NUMBER (checked by the decoders, found by
+        // fuzzing: an unchecked u64::MAX overflowed here); refuse anything else.
+        if last_tr_number > AL_MAX_TR_NUMBER {
+            return Err(MetaError::Corrupt {
+                what: WHAT,
+                place: Place::at(&md.md_path, md.layout.al_offset_bytes),
+                reason: "transaction number implausibly large (>= 2^63)",
+            });
+        }
         log.next_tr_number = last_tr_number + 1;
         if let Some(tr) = newest {
             for extent in tr.extents.into_iter().take(sb.al_extents as usize) {

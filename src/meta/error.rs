@@ -167,6 +167,15 @@ pub enum MetaError {
         /// Capacity of the log (al-extents).
         capacity: u32,
     },
+    /// After an unclean shutdown the activity log does not tell which extents may
+    /// differ from the peer (see `meta::recovery`).
+    #[error("activity log{place} cannot be recovered: {reason}. This node's data may differ from its peer's in unknown places; resync it fully from the peer: rdbadm create-md --force on this node, then up (it becomes SyncTarget)")]
+    AlUnrecoverable {
+        /// Where the activity log lives.
+        place: Place,
+        /// What was found.
+        reason: String,
+    },
     /// A caller passed an invalid value.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -305,7 +305,9 @@ pub fn create_md(
     Ok(md)
 }
 
-/// Reads and checks the meta-data of `disk` at `meta`.
+/// Reads and checks the meta-data of `disk` at `meta`: the superblock (magic, version,
+/// checksum, fields), its layout against the current sizes, and after an unclean
+/// shutdown the recoverability of the activity log ([`MetaError::AlUnrecoverable`]).
 pub fn read_md(disk: &Path, meta: &MetaLocation) -> Result<MetaData, MetaError> {
     let layout = layout_for(disk, meta)?;
     let md_path = md_path_of(disk, meta);
@@ -361,12 +363,18 @@ pub fn read_md(disk: &Path, meta: &MetaLocation) -> Result<MetaData, MetaError> 
             });
         }
     }
-    Ok(MetaData {
+    let md = MetaData {
         layout,
         superblock,
         md_path,
         disk_path: disk.to_path_buf(),
-    })
+    };
+    if !md.superblock.has_flag(flags::AL_CLEAN) {
+        // After an unclean shutdown the activity log must say what was hot; refuse
+        // meta-data whose log cannot (see `meta::recovery`).
+        super::recovery::recover_al(&md)?;
+    }
+    Ok(md)
 }
 
 /// Writes `md.superblock` durably (write + fdatasync).

@@ -12,7 +12,9 @@
 //! - [`al`]: the activity log (hot 4 MiB extents), its 4 KiB checksummed transactions
 //!   written to a ring of 8 slots, and crash replay;
 //! - [`file`]: the file-level operations used by `rdbadm create-md/dump-md/wipe-md` and
-//!   by the daemon at `up` (regular files and block devices).
+//!   by the daemon at `up` (regular files and block devices);
+//! - [`recovery`]: activity-log recovery after a crash (fall back over a torn
+//!   transaction, refuse when the hot set is unknown).
 //!
 //! The byte-level formats are documented in `docs/metadata.md`.
 
@@ -20,6 +22,7 @@ pub mod al;
 pub mod bitmap;
 pub mod file;
 pub mod layout;
+pub mod recovery;
 pub mod superblock;
 pub mod uuid;
 

@@ -415,6 +415,9 @@ impl Superblock {
         if self.meta_kind != MetaKind::ExternalIndexed && self.meta_index != 0 {
             return Err("slot index set for non-indexed meta-data");
         }
+        if self.al_tr_number > al::AL_MAX_TR_NUMBER {
+            return Err("activity log transaction number implausibly large (>= 2^63)");
+        }
         if self.al_extents < al::AL_MIN_EXTENTS
             || self.al_extents > al::max_al_extents(l.data_size_bytes)
         {
