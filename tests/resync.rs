@@ -522,7 +522,7 @@ fn online_verify_finds_a_block_corrupted_on_the_secondary() {
         .as_u64()
         .unwrap();
     assert!(
-        found >= 4096 && found <= MIB,
+        (4096..=MIB).contains(&found),
         "verify marked {found} bytes out of sync"
     );
     assert!(c.log_tail("alpha").contains("online verify done"));

@@ -282,7 +282,7 @@ async fn session(
                         tracing::warn!(resource = %res, "invalidate-remote: a resync is already running");
                     } else {
                         tracing::info!(resource = %res, "invalidate-remote: full sync to the peer");
-                        *(&mut resync) = Some(tokio::spawn(run_resync(volume.clone(), true, link.resync.clone())));
+                        resync = Some(tokio::spawn(run_resync(volume.clone(), true, link.resync.clone())));
                     }
                 }
                 LinkCommand::SkipInitialSync => {

@@ -714,13 +714,12 @@ impl Volume {
             let mut end = i;
             // Extend over short gaps of zero words, up to max_words.
             while end < words.len() && end - start < max_words {
-                if words[end] != 0 {
-                    end += 1;
-                } else if words[end..words.len().min(end + 8)].iter().any(|&w| w != 0) {
-                    end += 1;
-                } else {
+                // A zero word is kept when a set one follows within 8 words.
+                let next_set = words[end..words.len().min(end + 8)].iter().any(|&w| w != 0);
+                if !next_set {
                     break;
                 }
+                end += 1;
             }
             chunks.push(((start * 64) as u64, words[start..end].to_vec()));
             i = end;
