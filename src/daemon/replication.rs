@@ -569,6 +569,8 @@ async fn stand_alone(
 const RESYNC_CHUNK_BYTES: u64 = 256 * 1024;
 /// Resync chunks in flight at most.
 const RESYNC_MAX_IN_FLIGHT: usize = 32;
+/// Resync chunks being read and queued at once on the source.
+const RESYNC_READERS: usize = 8;
 
 /// Period of the resync rate controller.
 const CONTROLLER_PERIOD_MS: u64 = 100;
@@ -643,39 +645,65 @@ async fn run_resync(volume: Arc<Volume>, full: bool, settings: ResyncSettings) {
     let mut sent_bytes: u64 = 0;
     let mut cursor = 0u64;
     let mut rate = RateController::new(settings, volume.snapshot().counters.disk_written_bytes);
+    // Chunks being read and queued (each excludes overlapping writes meanwhile);
+    // `cursor` moves past them, so a pass never picks one twice.
+    let mut reading: tokio::task::JoinSet<Result<bool, crate::storage::IoError>> =
+        tokio::task::JoinSet::new();
     loop {
         if !volume.snapshot().conn.is_connected() {
+            reading.abort_all();
             return;
         }
-        if volume.resync_in_flight() >= RESYNC_MAX_IN_FLIGHT {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        while reading.len() < RESYNC_READERS && volume.resync_in_flight() < RESYNC_MAX_IN_FLIGHT {
+            let Some((offset, len)) = volume.next_resync_range(cursor, RESYNC_CHUNK_BYTES) else {
+                break;
+            };
+            rate.admit(len, volume.snapshot().counters.disk_written_bytes)
+                .await;
+            let v = volume.clone();
+            reading.spawn(async move { v.resync_chunk(offset, len).await });
+            sent_bytes += len;
+            cursor = offset + len;
+        }
+        if reading.is_empty() {
+            if volume
+                .next_resync_range(cursor, RESYNC_CHUNK_BYTES)
+                .is_some()
+            {
+                // Room for more once acknowledgements come back.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            } else if cursor > 0 {
+                // End of a pass: start over for bits set meanwhile (or sent again).
+                cursor = 0;
+            } else if volume.resync_in_flight() == 0 {
+                if volume.sync_view().oos_blocks == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             continue;
         }
-        match volume.next_resync_range(cursor, RESYNC_CHUNK_BYTES) {
-            Some((offset, len)) => {
-                rate.admit(len, volume.snapshot().counters.disk_written_bytes)
-                    .await;
-                match volume.resync_chunk(offset, len).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        tracing::error!("resync read at {offset} failed: {e}");
-                        return;
-                    }
+        tokio::select! {
+            done = reading.join_next() => match done {
+                Some(Ok(Ok(true))) | None => {}
+                Some(Ok(Ok(false))) => {
+                    reading.abort_all();
+                    return;
                 }
-                sent_bytes += len;
-                cursor = offset + len;
-            }
-            None if cursor > 0 => cursor = 0,
-            None => {
-                if volume.resync_in_flight() == 0 {
-                    if volume.sync_view().oos_blocks == 0 {
-                        break;
-                    }
-                } else {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                Some(Ok(Err(e))) => {
+                    tracing::error!("resync read failed: {e}");
+                    reading.abort_all();
+                    return;
                 }
-            }
+                Some(Err(e)) => {
+                    tracing::error!("resync reader: {e}");
+                    reading.abort_all();
+                    return;
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
         }
     }
     let secs = started.elapsed().as_secs_f64().max(1e-3);

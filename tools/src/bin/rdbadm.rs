@@ -107,9 +107,10 @@ enum Cmd {
     WaitConnect {
         /// Resource name or `all`.
         resource: String,
-        /// Give up after this many seconds (0 = wait forever).
-        #[arg(long, default_value_t = 0)]
-        timeout: u64,
+        /// Give up after this many seconds (0 = wait forever; default: the
+        /// resource's wfc-timeout, or degr-wfc-timeout after a degraded shutdown).
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// Show the state of resources.
     Status {
@@ -387,11 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for name in names {
                 // Was the node connected when it went down? (degr-wfc-timeout if not)
                 let rc = cfg.resolve(&name, &ctx.node).map_err(|e| anyhow!("{e}"))?;
-                let was_connected = rc.volumes.first().and_then(|v| {
-                    meta::read_md(&v.disk, &meta_location(&v.meta_disk))
-                        .ok()
-                        .map(|md| md.superblock.has_flag(meta::flags::CONNECTED_IND))
-                });
+                let degraded = was_degraded(&rc);
                 state_call(
                     &ctx,
                     Command::Up {
@@ -399,13 +396,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                     long,
                 )?;
-                let wait_s = if was_connected == Some(false) {
-                    rc.startup.degr_wfc_timeout_s
-                } else {
-                    rc.startup.wfc_timeout_s
+                // `startup { wfc-timeout N; }` (N > 0) makes `up` wait for the peer like
+                // DRBD's init script: N s, or degr-wfc-timeout if this node went down
+                // degraded. The default (0) does not wait here (`wait-connect` does).
+                let wait_s = match rc.startup.wfc_timeout_s {
+                    0 => 0,
+                    _ if degraded => rc.startup.degr_wfc_timeout_s,
+                    wfc => wfc,
                 };
-                // `startup { wfc-timeout; degr-wfc-timeout; }`: `up` waits that long
-                // for the peer (0: does not wait; `wait-connect` waits forever).
+                let was_connected = Some(!degraded);
                 if wait_s > 0 && !rc.peers.is_empty() {
                     let deadline = Instant::now() + Duration::from_secs(wait_s);
                     loop {
@@ -488,9 +487,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::WaitConnect { resource, timeout } => {
-            let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout));
             let cfg = ctx.config()?;
             for name in ctx.names(&cfg, &resource)? {
+                // Without --timeout: the resource's wfc-timeout (degr-wfc-timeout if
+                // it went down degraded); 0 waits forever, as DRBD's init script.
+                let timeout = match timeout {
+                    Some(t) => t,
+                    None => {
+                        let rc = cfg.resolve(&name, &ctx.node).map_err(|e| anyhow!("{e}"))?;
+                        if was_degraded(&rc) {
+                            rc.startup.degr_wfc_timeout_s
+                        } else {
+                            rc.startup.wfc_timeout_s
+                        }
+                    }
+                };
+                let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout));
                 loop {
                     let s = one_status(&ctx, &name)?;
                     if !matches!(
@@ -651,6 +663,17 @@ fn watch_status(ctx: &Ctx, resource: Option<&str>) -> anyhow::Result<ExitCode> {
 /// Seconds as `h:mm:ss`, as /proc/drbd prints `finish:`.
 fn format_hms(s: u64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Whether the node went down degraded: its data UpToDate but not connected to the
+/// peer (DRBD's condition for degr-wfc-timeout). Fresh meta-data is not degraded.
+fn was_degraded(rc: &config::ResourceConfig) -> bool {
+    rc.volumes.first().is_some_and(|v| {
+        meta::read_md(&v.disk, &meta_location(&v.meta_disk)).is_ok_and(|md| {
+            md.superblock.has_flag(meta::flags::WAS_UP_TO_DATE)
+                && !md.superblock.has_flag(meta::flags::CONNECTED_IND)
+        })
+    })
 }
 
 fn refuse_if_up(ctx: &Ctx, name: &str, what: &str) -> anyhow::Result<()> {
