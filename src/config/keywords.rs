@@ -81,6 +81,8 @@ pub(crate) fn implemented(s: Section) -> &'static [&'static str] {
             "protocol",
             "nbd-listen",
             "frontend",
+            "frontend-queues",
+            "frontend-queue-depth",
         ],
         Section::On => &[
             "address",

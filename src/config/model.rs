@@ -352,4 +352,9 @@ pub struct ResourceConfig {
     pub frontend: FrontendKind,
     /// TCP NBD listener (rdb extension; the unix socket is always there).
     pub nbd_listen: Option<SocketAddr>,
+    /// Queues of a ublk device / sockets of a kernel NBD device (rdb extension
+    /// `frontend-queues`; default: the frontend's own).
+    pub frontend_queues: Option<u32>,
+    /// Depth of each ublk queue (rdb extension `frontend-queue-depth`).
+    pub frontend_queue_depth: Option<u32>,
 }

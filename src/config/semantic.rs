@@ -55,6 +55,8 @@ struct Resource {
     hosts: Vec<Host>,
     frontend: Option<FrontendKind>,
     nbd_listen: Option<SocketAddr>,
+    frontend_queues: Option<u32>,
+    frontend_queue_depth: Option<u32>,
 }
 
 /// A parsed and validated configuration (all files of it).
@@ -667,6 +669,8 @@ fn build_resource(
         hosts: Vec::new(),
         frontend: None,
         nbd_listen: None,
+        frontend_queues: None,
+        frontend_queue_depth: None,
     };
     let mut sections = Seen::new("resource");
     let mut vol_pos = BTreeMap::new();
@@ -707,6 +711,15 @@ fn build_resource(
             "nbd-listen" => {
                 sections.check(name, &inner.kw.pos)?;
                 r.nbd_listen = Some(values::address(inner, DEFAULT_NBD_PORT)?);
+            }
+            "frontend-queues" => {
+                sections.check(name, &inner.kw.pos)?;
+                r.frontend_queues = Some(values::number_u32(values::one(inner)?, name, 1, 32)?);
+            }
+            "frontend-queue-depth" => {
+                sections.check(name, &inner.kw.pos)?;
+                r.frontend_queue_depth =
+                    Some(values::number_u32(values::one(inner)?, name, 1, 4096)?);
             }
             "frontend" => {
                 sections.check(name, &inner.kw.pos)?;
@@ -991,6 +1004,8 @@ impl Config {
             handlers: s.handlers,
             frontend: host.frontend.or(r.frontend).unwrap_or_default(),
             nbd_listen: host.nbd_listen.or(r.nbd_listen),
+            frontend_queues: r.frontend_queues,
+            frontend_queue_depth: r.frontend_queue_depth,
         })
     }
 

@@ -523,7 +523,15 @@ impl Resource {
             message,
         };
         if self.frontend == "ublk" {
-            let opts = UblkOptions::from_env(vol.device.clone(), state("ublk-id"));
+            let mut opts = UblkOptions::from_env(vol.device.clone(), state("ublk-id"));
+            // The configuration wins over the defaults (the environment overrides
+            // only what the configuration leaves unset).
+            if let Some(q) = self.cfg.frontend_queues {
+                opts.nr_queues = q as u16;
+            }
+            if let Some(d) = self.cfg.frontend_queue_depth {
+                opts.queue_depth = d as u16;
+            }
             UblkDevice::attach(io, opts, &rt)
                 .map(KernelDevice::Ublk)
                 .map_err(|e| device_err(e.to_string()))
@@ -534,7 +542,10 @@ impl Resource {
                 device: io,
                 read_only: false,
             };
-            let opts = KernelNbdOptions::from_env(vol.device.clone(), state("nbd-index"));
+            let mut opts = KernelNbdOptions::from_env(vol.device.clone(), state("nbd-index"));
+            if let Some(q) = self.cfg.frontend_queues {
+                opts.connections = q as usize;
+            }
             KernelNbdDevice::attach(export, opts, &rt)
                 .map(KernelDevice::Nbd)
                 .map_err(|e| device_err(e.to_string()))

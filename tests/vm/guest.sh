@@ -23,6 +23,8 @@ conf() {
         echo "    device $d/dev-r0;"
         echo "    flexible-meta-disk internal;"
         echo "    frontend $fe;"
+        # rdb extensions: ublk queues / kernel NBD sockets, and ublk queue depth
+        echo "    frontend-queues 2; frontend-queue-depth 32;"
         echo "    net { protocol $proto; }"
         [ -n "${DISK_OPTS:-}" ] && echo "    disk { $DISK_OPTS }"
         for n in "$@"; do
