@@ -143,7 +143,7 @@ impl NetPair {
             );
         }
         let text = format!(
-            "resource r0 {{\n    frontend nbd;\n    flexible-meta-disk internal;\n    \
+            "resource r0 {{\n    frontend none;\n    flexible-meta-disk internal;\n    \
              net {{\n        protocol C;\n        {NET_OPTS}\n        \
              cram-hmac-alg sha256; shared-secret \"netns\";\n    }}\n    \
              on alpha {{\n        device {d}/alpha.dev;\n        disk {d}/alpha.img;\n        address {a}:7789;\n    }}\n    \
