@@ -8,7 +8,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 [ "$(id -u)" = 0 ] || { echo "the tests need root (FUSE, loop devices, mount): run with sudo"; exit 1; }
 scripts/deps.sh
 cargo build --release --workspace --quiet
-cargo test --release --workspace -- --test-threads=2
+cargo test --release --workspace --no-fail-fast -- --test-threads=2
 # Short fuzzing run of every decoder (10 s each; long runs: docs/reliability.md).
 nice -n 10 scripts/fuzz.sh all 10
 # Kernel frontends (kernel NBD, ublk) on a 6.12 kernel in a TCG VM: a few minutes.
