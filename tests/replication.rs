@@ -362,34 +362,9 @@ fn acknowledged_protocol_c_writes_survive_a_primary_kill() {
         "initial sync never finished"
     );
     let log = c.dir.join("acked.log");
-    // The writer records each write only after the server acknowledged it.
-    let writer = r#"
-import sys, nbd, random
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-log = open(sys.argv[2], "w", buffering=1)
-blocks = list(range(0, 24000)); random.Random(7).shuffle(blocks)
-for gen, b in enumerate(blocks):
-    tag = (b"%010d:%010d|" % (b, gen + 1)) * 186
-    h.pwrite(tag[:4096].ljust(4096, b"."), b * 4096)
-    log.write("%d %d\n" % (b, gen + 1))
-"#;
-    let mut child = std::process::Command::new("timeout")
-        .args([
-            "120",
-            "/usr/bin/python3",
-            "-c",
-            writer,
-            &c.nbd_uri("alpha"),
-            log.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn writer");
+    let mut child = spawn_acked_writer(&c.nbd_uri("alpha"), &log, 24000, 7);
     assert!(
-        wait_for(Duration::from_secs(60), || std::fs::read_to_string(&log)
-            .map(|s| s.lines().count() >= 2000)
-            .unwrap_or(false)),
+        wait_for(Duration::from_secs(60), || acked_count(&log) >= 2000),
         "the writer did not get 2000 writes acknowledged"
     );
     let pid = std::fs::read_to_string(c.run_dir("alpha").join("rdbd.pid")).unwrap();
@@ -397,23 +372,7 @@ for gen, b in enumerate(blocks):
     let _ = child.wait();
     // Independent check: read beta's backing disk directly.
     let disk = std::fs::read(c.img("beta")).unwrap();
-    let acked = std::fs::read_to_string(&log).unwrap();
-    let mut checked = 0;
-    for line in acked.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(b), Some(g)) = (it.next(), it.next()) else {
-            continue; // a torn last line of the log itself
-        };
-        let (b, g): (usize, u64) = (b.parse().unwrap(), g.parse().unwrap());
-        let want = format!("{b:010}:{g:010}|");
-        let got = &disk[b * 4096..b * 4096 + want.len()];
-        assert_eq!(
-            got,
-            want.as_bytes(),
-            "acknowledged write of block {b} (gen {g}) missing on beta"
-        );
-        checked += 1;
-    }
+    let checked = check_acked_writes(&log, &disk, "beta");
     assert!(
         checked >= 2000,
         "only {checked} acknowledged writes checked"

@@ -289,3 +289,63 @@ fn rand_suffix() -> u32 {
         .unwrap_or(0);
     t % 1_000_000
 }
+
+/// Starts a writer (python3-libnbd) that writes `blocks` distinct 4 KiB blocks in a
+/// seeded random order to `uri`, each tagged `BLOCK:GENERATION|`, and appends
+/// "BLOCK GENERATION" to `log` only after the server acknowledged the write.
+pub fn spawn_acked_writer(uri: &str, log: &Path, blocks: u32, seed: u32) -> std::process::Child {
+    let writer = r#"
+import sys, nbd, random
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+log = open(sys.argv[2], "w", buffering=1)
+blocks = list(range(0, int(sys.argv[3]))); random.Random(int(sys.argv[4])).shuffle(blocks)
+for gen, b in enumerate(blocks):
+    tag = (b"%010d:%010d|" % (b, gen + 1)) * 186
+    h.pwrite(tag[:4096].ljust(4096, b"."), b * 4096)
+    log.write("%d %d\n" % (b, gen + 1))
+"#;
+    Command::new("timeout")
+        .args([
+            "120",
+            "/usr/bin/python3",
+            "-c",
+            writer,
+            uri,
+            &log.display().to_string(),
+            &blocks.to_string(),
+            &seed.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the acknowledged-write writer (python3-libnbd)")
+}
+
+/// Number of acknowledged writes logged so far by [`spawn_acked_writer`].
+pub fn acked_count(log: &Path) -> usize {
+    std::fs::read_to_string(log).map_or(0, |s| s.lines().count())
+}
+
+/// Checks that every write logged by [`spawn_acked_writer`] is on `disk` (the
+/// backing file's bytes, read independently of rdb); returns how many were checked.
+pub fn check_acked_writes(log: &Path, disk: &[u8], name: &str) -> usize {
+    let acked = std::fs::read_to_string(log).expect("read the acknowledged-write log");
+    let mut checked = 0;
+    for line in acked.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(b), Some(g)) = (it.next(), it.next()) else {
+            continue; // a torn last line of the log itself
+        };
+        let (Ok(b), Ok(g)) = (b.parse::<usize>(), g.parse::<u64>()) else {
+            continue;
+        };
+        let want = format!("{b:010}:{g:010}|");
+        assert_eq!(
+            &disk[b * 4096..b * 4096 + want.len()],
+            want.as_bytes(),
+            "acknowledged write of block {b} (gen {g}) missing on {name}"
+        );
+        checked += 1;
+    }
+    checked
+}
