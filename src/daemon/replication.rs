@@ -568,9 +568,9 @@ async fn stand_alone(
 /// Largest resync chunk.
 const RESYNC_CHUNK_BYTES: u64 = 256 * 1024;
 /// Resync chunks in flight at most.
-const RESYNC_MAX_IN_FLIGHT: usize = 32;
+const RESYNC_MAX_IN_FLIGHT: usize = 128;
 /// Resync chunks being read and queued at once on the source.
-const RESYNC_READERS: usize = 8;
+const RESYNC_READERS: usize = 16;
 
 /// Period of the resync rate controller.
 const CONTROLLER_PERIOD_MS: u64 = 100;
