@@ -491,3 +491,83 @@ fn online_verify_finds_a_block_corrupted_on_the_secondary() {
     down_both_and_compare(&c, size);
     assert_eq!(read_at(&c.img("beta"), offset, 4), vec![0x5a; 4]);
 }
+
+#[test]
+fn invalidate_invalidate_remote_and_outdate() {
+    need_root();
+    let c = Cluster::new("invalidate", "C", "64M", "");
+    fresh_pair_skip_sync(&c);
+    let size = data_size(&c);
+    qemu_io(&c, "alpha", "write -P 0x77 0 8M");
+    // Damage beta behind rdb's back, then `invalidate` there: a full sync from alpha.
+    run_ok(
+        10,
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", c.img("beta").display()),
+            "bs=1M",
+            "count=4",
+            "seek=2",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let before = status_of(&c, "alpha")["resync_bytes_total"]
+        .as_u64()
+        .unwrap();
+    c.adm_ok("beta", &["invalidate", "r0"]);
+    wait_in_sync(&c, 60, "invalidate");
+    let sent = status_of(&c, "alpha")["resync_bytes_total"]
+        .as_u64()
+        .unwrap()
+        - before;
+    assert!(
+        sent >= size - 4096,
+        "invalidate resynced only {sent} of {size} bytes"
+    );
+    assert_eq!(read_at(&c.img("beta"), 3 * MIB, 4), vec![0x77; 4]);
+    // `invalidate-remote` on the Primary: everything again, to the peer.
+    let before = status_of(&c, "alpha")["resync_bytes_total"]
+        .as_u64()
+        .unwrap();
+    c.adm_ok("alpha", &["invalidate-remote", "r0"]);
+    assert!(wait_for(Duration::from_secs(60), || status_of(&c, "alpha")
+        ["resync_bytes_total"]
+        .as_u64()
+        .unwrap()
+        >= before + size - 4096));
+    wait_in_sync(&c, 60, "invalidate-remote");
+    // `outdate`: refused on a Primary and while connected to one; a disconnected
+    // Secondary is Outdated, and UpToDate again after reconnecting (same data).
+    let out = c.adm("alpha", &["outdate", "r0"]);
+    assert!(!out.status.success(), "outdate of a Primary succeeded");
+    let out = c.adm("beta", &["outdate", "r0"]);
+    assert!(
+        !out.status.success(),
+        "outdate while connected to a Primary succeeded"
+    );
+    c.adm_ok("alpha", &["secondary", "r0"]);
+    c.adm_ok("beta", &["disconnect", "r0"]);
+    c.adm_ok("beta", &["outdate", "r0"]);
+    assert_eq!(status_of(&c, "beta")["disk"], "Outdated");
+    let out = c.adm("beta", &["primary", "r0"]);
+    assert!(
+        !out.status.success(),
+        "an Outdated node was promoted without --force"
+    );
+    c.adm_ok("beta", &["connect", "r0"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || status_of(&c, "beta")["disk"]
+            == "UpToDate"
+            && status_of(&c, "beta")["connection"] == "Connected"),
+        "beta did not become UpToDate again: {}",
+        status_of(&c, "beta")
+    );
+    c.adm_ok("alpha", &["down", "r0"]);
+    c.adm_ok("beta", &["down", "r0"]);
+    assert_eq!(
+        sha256_of(&c.img("alpha"), Some(size)),
+        sha256_of(&c.img("beta"), Some(size))
+    );
+}

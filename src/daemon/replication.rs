@@ -477,7 +477,12 @@ async fn evaluate(
     };
     match decision {
         SyncDecision::None => {
-            volume.settle_in_sync();
+            let before = volume.snapshot().disk;
+            volume.settle_in_sync(theirs.disk);
+            if volume.snapshot().disk != before {
+                // The peer shows our new disk state.
+                volume.announce_state();
+            }
             true
         }
         SyncDecision::NoData => true,

@@ -397,8 +397,14 @@ impl Volume {
 
     /// The connection is in sync with nothing to resync: a crash's AL marks are
     /// settled and the bitmap no longer tracks a divergence.
-    pub fn settle_in_sync(&self) {
+    pub fn settle_in_sync(&self, peer_disk: DiskState) {
         let mut g = self.lock();
+        // Same generation as an UpToDate peer and nothing to resync: the same data.
+        if peer_disk == DiskState::UpToDate
+            && matches!(g.engine.disk(), DiskState::Consistent | DiskState::Outdated)
+        {
+            g.engine.force_disk(DiskState::UpToDate);
+        }
         g.crashed_primary = false;
         g.discard_my_data = false;
         if g.bitmap.count_set() == 0 {
