@@ -87,11 +87,6 @@ impl AlGate {
         self.writes.load(Ordering::Relaxed)
     }
 
-    /// Number of hot extents.
-    pub fn hot_count(&self) -> usize {
-        self.lock().log.len()
-    }
-
     /// Makes the extents of `[offset, offset+len)` hot and durable in the AL, then
     /// counts a write in flight on each until the returned hold is dropped.
     pub async fn begin<F, Fut>(

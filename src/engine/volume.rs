@@ -495,11 +495,6 @@ impl Volume {
         let _ = tokio::time::timeout(timeout, self.meta_changed.notified()).await;
     }
 
-    /// Asks the meta-data keeper to write what changed now.
-    pub fn poke_meta(&self) {
-        self.meta_changed.notify_one();
-    }
-
     /// Copies what the volume keeps (UUIDs, disk state, crash flag) into `sb`;
     /// returns whether `sb` changed.
     pub fn fill_superblock(&self, sb: &mut Superblock) -> bool {
@@ -664,11 +659,6 @@ impl Volume {
             out_of_sync_bytes: g.bitmap.out_of_sync_bytes(),
             resync_bytes_total: g.resync_bytes_total,
         }
-    }
-
-    /// Runs `f` on the dirty bitmap (persistence, resync).
-    pub fn with_bitmap<T>(&self, f: impl FnOnce(&mut Bitmap) -> T) -> T {
-        f(&mut self.lock().bitmap)
     }
 
     /// This node's state as a frame for the peer.
