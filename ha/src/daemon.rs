@@ -314,6 +314,7 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
     let mut ticker = tokio::time::interval(Duration::from_millis(tick_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status_write = 0u64;
+    let mut refusal_log = RefusalLog::default();
     tracing::info!(
         "rdb-ha starting on node {} (generation {generation:016x}), links: {}",
         cfg.node,
@@ -342,7 +343,16 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
                     Vec::new()
                 }
                 Err(e) => {
-                    tracing::warn!("link {link}: packet refused: {e}");
+                    if let Some(suppressed) = refusal_log.admit(now) {
+                        if suppressed > 0 {
+                            tracing::warn!(
+                                "link {link}: packet refused: {e} ({suppressed} more refused in the last {} ms, not logged)",
+                                RefusalLog::INTERVAL_MS
+                            );
+                        } else {
+                            tracing::warn!("link {link}: packet refused: {e}");
+                        }
+                    }
                     Vec::new()
                 }
             },
@@ -473,5 +483,50 @@ async fn run_fence(argv: &[String], node: &str, timeout_ms: u64) -> bool {
             tracing::error!("fence {prog} {node}: timed out");
             false
         }
+    }
+}
+
+/// Rate limit for "packet refused" warnings: a flood of forged or replayed packets must not
+/// drown the log (or the disk). At most [`RefusalLog::BURST`] warnings per interval; the
+/// next one that is logged says how many were not. Every refusal is still counted in the
+/// status file (`refused_packets`).
+#[derive(Debug, Default)]
+struct RefusalLog {
+    window_start_ms: u64,
+    logged_in_window: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    const INTERVAL_MS: u64 = 1000;
+    const BURST: u32 = 5;
+
+    /// `Some(n)` when this refusal should be logged (`n` refusals were suppressed before
+    /// it), `None` when it should not.
+    fn admit(&mut self, now_ms: u64) -> Option<u64> {
+        if now_ms.saturating_sub(self.window_start_ms) >= Self::INTERVAL_MS {
+            self.window_start_ms = now_ms;
+            self.logged_in_window = 0;
+        }
+        if self.logged_in_window >= Self::BURST {
+            self.suppressed += 1;
+            return None;
+        }
+        self.logged_in_window += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod refusal_log_tests {
+    use super::RefusalLog;
+
+    #[test]
+    fn floods_are_summarised() {
+        let mut l = RefusalLog::default();
+        let logged: Vec<_> = (0..100).filter_map(|_| l.admit(10)).collect();
+        assert_eq!(logged, vec![0; RefusalLog::BURST as usize]);
+        assert_eq!(l.admit(1500), Some(95));
+        assert_eq!(l.admit(1501), Some(0));
     }
 }

@@ -285,6 +285,11 @@ pub struct Machine {
     ping_known: bool,
     /// Last answer of a ping node.
     ping_ok_ms: Option<u64>,
+    /// The ping nodes came back at this time. Peers this node declared dead while it was
+    /// cut off were most likely cut off from it by the same fault, not dead: until
+    /// `deadtime` has passed since then, a dead peer's resources are not taken over
+    /// (a healed cut would otherwise make both nodes start the group at once).
+    ping_regained_ms: Option<u64>,
     unclean: bool,
     stop_had_failure: bool,
     checks: Vec<CheckTrack>,
@@ -352,6 +357,7 @@ impl Machine {
             ping_lost: false,
             ping_known: false,
             ping_ok_ms: None,
+            ping_regained_ms: None,
             unclean: false,
             stop_had_failure: false,
             checks: vec![CheckTrack::default(); p.checks.len()],
@@ -532,6 +538,9 @@ impl Machine {
                 };
                 if self.p.ping && self.ping_lost != lost {
                     self.ping_lost = lost;
+                    if !lost {
+                        self.ping_regained_ms = Some(now_ms);
+                    }
                     let lvl = if reachable { Level::Info } else { Level::Warn };
                     log(
                         &mut out,
@@ -1012,6 +1021,12 @@ impl Machine {
                     return;
                 }
                 if self.p.ping && !self.ping_known {
+                    return;
+                }
+                if self.ping_regained_ms.is_some_and(|t| {
+                    now_ms.saturating_sub(t) < self.p.deadtime_ms
+                        && self.peers.iter().any(|p| p.liveness == Liveness::Dead)
+                }) {
                     return;
                 }
                 if self

@@ -572,6 +572,42 @@ fn ping_tiebreaker_blocks_isolated_node() {
 }
 
 #[test]
+fn healed_cut_does_not_start_the_group_twice() {
+    // a holds the group; a is cut off from b and from the ping nodes; b takes over.
+    // The cut heals at once (ping nodes and b come back together): a must not start
+    // the group again because it still believes b dead.
+    let p = |n: &str, g| Params {
+        ping: true,
+        auto_failback: false,
+        ..params(n, g)
+    };
+    let mut s = Sim::new(p);
+    s.event(0, Event::Ping { reachable: true });
+    s.event(1, Event::Ping { reachable: true });
+    s.until(500, |s| s.active(0));
+    s.link_up = vec![false, false];
+    s.event(0, Event::Ping { reachable: false });
+    s.run(DEADTIME_MS + 10);
+    s.event(0, Event::Ping { reachable: false });
+    assert!(s.logged(0, "Ping nodes unreachable"));
+    s.until(3 * DEADTIME_MS, |s| {
+        s.active(1) && s.running[0].is_empty() && !s.active(0)
+    });
+    s.run(DEADTIME_MS);
+    s.link_up = vec![true, true];
+    s.event(0, Event::Ping { reachable: true });
+    for _ in 0..(3 * DEADTIME_MS / Q_MS) {
+        s.step();
+        assert!(
+            s.running[0].is_empty(),
+            "a restarted the group after the cut healed (b holds it): {:?}",
+            s.logs
+        );
+    }
+    assert!(s.active(1));
+}
+
+#[test]
 fn late_heartbeat_warned() {
     let mut s = booted();
     s.link_up = vec![false, false];
