@@ -330,19 +330,23 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
             i = rx.recv() => match i { Some(i) => i, None => break },
         };
         let now = now_ms();
-        let mut is_tick = false;
+        // A quiet input (a tick, a refused packet) changes nothing worth a status write.
+        let mut quiet = false;
         let actions = match input {
             Input::Ev(ev) => {
-                is_tick = ev == Event::Tick;
+                quiet = ev == Event::Tick;
                 machine.handle(now, ev)
             }
             Input::Datagram(link, bytes) => match verifier.verify(link, &bytes) {
                 Ok(packet) => machine.handle(now, Event::Packet { link, packet }),
                 Err(e @ auth::AuthError::Stale { .. }) => {
                     tracing::debug!("link {link}: packet refused: {e}");
+                    quiet = true; // nothing changed: no status write per refused packet
                     Vec::new()
                 }
                 Err(e) => {
+                    // A flood of bad packets must not turn into a flood of status writes.
+                    quiet = true;
                     if let Some(suppressed) = refusal_log.admit(now) {
                         if suppressed > 0 {
                             tracing::warn!(
@@ -424,7 +428,7 @@ pub async fn run(cfg: Config, opts: Options) -> Result<(), DaemonError> {
             }
         }
         let _ = active_tx.send(machine.state() == NodeState::Active);
-        if !is_tick || now.saturating_sub(last_status_write) >= 500 || machine.exited() {
+        if !quiet || now.saturating_sub(last_status_write) >= 500 || machine.exited() {
             last_status_write = now;
             write_status(&status_path, &status_json(&machine, &verifier, now));
         }
