@@ -175,11 +175,13 @@ fn check_disk(ledger: &Ledger, disk: &[u8], name: &str, cycle: &str) -> u64 {
             "{cycle}: block {b} on {name} holds no write of ours: {head:?}"
         );
         let (hb, hg): (u64, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
-        assert_eq!(hb, b, "{cycle}: block {b} on {name} holds block {hb}'s data");
-        let sha = ledger
-            .issued
-            .get(&(b, hg))
-            .unwrap_or_else(|| panic!("{cycle}: block {b} on {name}: generation {hg} never issued"));
+        assert_eq!(
+            hb, b,
+            "{cycle}: block {b} on {name} holds block {hb}'s data"
+        );
+        let sha = ledger.issued.get(&(b, hg)).unwrap_or_else(|| {
+            panic!("{cycle}: block {b} on {name}: generation {hg} never issued")
+        });
         assert_eq!(
             &sha256_hex(blk),
             sha,
@@ -310,9 +312,21 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         );
         let acks_before = read_acks(&log);
         writer_seed += 1;
-        let w = spawn_writer(&c.nbd_uri(primary), &log, writer_seed, gen_base, stop.clone());
+        let w = spawn_writer(
+            &c.nbd_uri(primary),
+            &log,
+            writer_seed,
+            gen_base,
+            stop.clone(),
+        );
         gen_base += 10_000_000;
-        wait_acks(&c, &log, acks_before, 20, &format!("{tag}: writer never started"));
+        wait_acks(
+            &c,
+            &log,
+            acks_before,
+            20,
+            &format!("{tag}: writer never started"),
+        );
         std::thread::sleep(Duration::from_millis(delay_ms));
         kill9(&c, victim);
         *kills
@@ -322,16 +336,31 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             // The writer fails with the connection; the survivor sees the loss,
             // is promoted and takes the writes.
             w.stop();
-            wait_or_dump(&c, 30, &format!("{tag}: survivor never lost the peer"), || {
-                st(&c, secondary)["connection"] != "Connected"
-            });
+            wait_or_dump(
+                &c,
+                30,
+                &format!("{tag}: survivor never lost the peer"),
+                || st(&c, secondary)["connection"] != "Connected",
+            );
             c.adm_ok(secondary, &["primary", "r0"]);
             primary = secondary;
             writer_seed += 1;
             let a = read_acks(&log);
-            let w = spawn_writer(&c.nbd_uri(primary), &log, writer_seed, gen_base, stop.clone());
+            let w = spawn_writer(
+                &c.nbd_uri(primary),
+                &log,
+                writer_seed,
+                gen_base,
+                stop.clone(),
+            );
             gen_base += 10_000_000;
-            wait_acks(&c, &log, a, 50, &format!("{tag}: no writes on the new Primary"));
+            wait_acks(
+                &c,
+                &log,
+                a,
+                50,
+                &format!("{tag}: no writes on the new Primary"),
+            );
             w
         } else {
             let a = read_acks(&log);
@@ -345,7 +374,13 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             s["connection"] != "Connecting" && s["connection"] != "StandAlone"
         });
         let a = read_acks(&log);
-        wait_acks(&c, &log, a, 30, &format!("{tag}: no writes after the return"));
+        wait_acks(
+            &c,
+            &log,
+            a,
+            30,
+            &format!("{tag}: no writes after the return"),
+        );
         w.stop();
         wait_or_dump(&c, 120, &format!("{tag}: no resync to UpToDate"), || {
             in_sync(&c)
