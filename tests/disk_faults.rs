@@ -87,6 +87,19 @@ fn log_of(c: &Cluster, node: &str) -> String {
 
 #[test]
 fn on_io_error_detach_keeps_a_fio_verify_run_going_through_the_peer() {
+    // The disk dies after 3000 data-area requests: in the middle of the writes
+    // (48 MiB of 4 KiB random writes are 12288 requests).
+    detach_during_fio("after=3000:rwf", "Write at");
+}
+
+#[test]
+fn on_io_error_detach_retries_a_failed_read_on_the_peer() {
+    // The disk dies after 15000 requests: in fio's verify pass (12288 writes, then
+    // reads): the failed read is served by the peer.
+    detach_during_fio("after=15000:rwf", "Read at");
+}
+
+fn detach_during_fio(spec: &str, failing: &str) {
     need_root();
     need("fio", "fio");
     let c = Cluster::with_sections(
@@ -96,8 +109,7 @@ fn on_io_error_detach_keeps_a_fio_verify_run_going_through_the_peer() {
         "",
         "frontend none;\n    disk { on-io-error detach; }",
     );
-    // The disk dies after 3000 data-area requests: in the middle of the writes.
-    pair_with_faulty_primary(&c, "after=3000:rwf");
+    pair_with_faulty_primary(&c, spec);
     let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
     let t0 = Instant::now();
     let fio = run(
@@ -140,12 +152,11 @@ fn on_io_error_detach_keeps_a_fio_verify_run_going_through_the_peer() {
         .unwrap_or_else(|| panic!("no detach in the log:\n{}", c.log_tail("alpha")));
     eprintln!("detach: {detach}");
     assert!(
-        detach.contains("Write at"),
-        "the disk did not fail during the writes: {detach}"
+        detach.contains(failing),
+        "the disk did not fail where expected ({failing}): {detach}"
     );
-    // The fault hit mid-run: 48 MiB of 4 KiB writes are 12288 requests, the disk
-    // took 3000; the rest of the writes and every verify read went to the peer.
-    // A write after the detach still works and reads back (through the peer).
+    // Every request after the fault went to the peer. A write after the run still
+    // works and reads back (through the peer).
     let script = r#"
 import sys, nbd
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
@@ -157,7 +168,7 @@ print("ok")
     let out = run_ok(60, "/usr/bin/python3", &["-c", script, &c.nbd_uri("alpha")]);
     assert_eq!(out.trim(), "ok");
     eprintln!(
-        "detach: fio randwrite 48 MiB + verify passed in {:.1} s; alpha Diskless, beta UpToDate",
+        "detach ({spec}): fio randwrite 48 MiB + verify passed in {:.1} s; alpha Diskless, beta UpToDate",
         elapsed.as_secs_f64()
     );
     // Back without the fault: the detached disk is Inconsistent, full resync from

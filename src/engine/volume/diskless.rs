@@ -248,3 +248,106 @@ impl Volume {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::core::{Action, Engine, Event, PeerProgress, Protocol, Refusal, ReqKind};
+    use crate::engine::state::{DiskState, Role};
+
+    fn diskless_primary() -> Engine {
+        let mut e = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut out = Vec::new();
+        e.handle(
+            0,
+            Event::PeerConnected {
+                role: Role::Secondary,
+                disk: DiskState::UpToDate,
+            },
+            &mut out,
+        );
+        e.promote(false).unwrap();
+        e.force_disk(DiskState::Diskless);
+        e
+    }
+
+    fn write(e: &mut Engine, id: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        e.handle(
+            0,
+            Event::Request {
+                id,
+                kind: ReqKind::Write,
+                offset_bytes: 0,
+                len_bytes: 4096,
+            },
+            &mut out,
+        );
+        // The driver's "local" part of a Diskless write does nothing and succeeds.
+        e.handle(0, Event::LocalDone { id, result: Ok(()) }, &mut out);
+        out
+    }
+
+    fn completion(out: &[Action], id: u64) -> Option<Result<(), Refusal>> {
+        out.iter().find_map(|a| match a {
+            Action::Complete { id: i, result } if *i == id => Some(result.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_diskless_write_completes_only_with_the_peers_ack() {
+        let mut e = diskless_primary();
+        let out = write(&mut e, 1);
+        assert!(out.contains(&Action::SendPeer(1)), "{out:?}");
+        assert_eq!(
+            completion(&out, 1),
+            None,
+            "completed before the peer wrote it"
+        );
+        let mut out = Vec::new();
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id: 1,
+                progress: PeerProgress::Written,
+            },
+            &mut out,
+        );
+        assert_eq!(completion(&out, 1), Some(Ok(())));
+    }
+
+    #[test]
+    fn a_diskless_write_fails_when_the_peer_is_lost_or_refuses() {
+        let mut e = diskless_primary();
+        write(&mut e, 1);
+        let mut out = Vec::new();
+        e.handle(0, Event::PeerFailed { id: 1 }, &mut out);
+        assert_eq!(
+            completion(&out, 1),
+            Some(Err(Refusal::LocalError(libc::EIO)))
+        );
+        write(&mut e, 2);
+        let mut out = Vec::new();
+        e.handle(0, Event::PeerLost, &mut out);
+        assert_eq!(
+            completion(&out, 2),
+            Some(Err(Refusal::LocalError(libc::EIO)))
+        );
+        // No disk, no peer: refused at once.
+        let mut out = Vec::new();
+        e.handle(
+            0,
+            Event::Request {
+                id: 3,
+                kind: ReqKind::Read,
+                offset_bytes: 0,
+                len_bytes: 4096,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            completion(&out, 3),
+            Some(Err(Refusal::NoUsableData(DiskState::Diskless)))
+        );
+    }
+}
