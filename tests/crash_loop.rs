@@ -95,25 +95,21 @@ fn spawn_writer(uri: &str, log: &Path, seed: u64, gen_base: u64, stop: PathBuf) 
 }
 
 impl Writer {
-    /// Asks the writer to stop and waits for it; returns its count of acked writes.
-    fn stop(mut self) -> u64 {
+    /// Asks the writer to stop and waits for it; returns its count of acked writes
+    /// (0 when it was already stopped).
+    fn stop(&mut self) -> u64 {
+        let Some(mut out) = self.child.stdout.take() else {
+            return 0;
+        };
         std::fs::write(&self.stop, b"").unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(_st) = self.child.try_wait().unwrap() {
-                break;
-            }
+        while self.child.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "the writer did not stop");
             std::thread::sleep(Duration::from_millis(20));
         }
         let mut s = String::new();
         use std::io::Read;
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
+        out.read_to_string(&mut s).unwrap();
         s.trim().parse().unwrap_or(0)
     }
 }
@@ -213,8 +209,18 @@ fn in_sync(c: &Cluster) -> bool {
 }
 
 fn wait_or_dump(c: &Cluster, timeout_s: u64, what: &str, f: impl FnMut() -> bool) {
+    let ok = wait_for(Duration::from_secs(timeout_s), f);
+    if !ok {
+        // Keep both nodes' logs for the post-mortem (the cluster dir is removed).
+        let keep = format!("/tmp/rdb-crash-loop-failure-{}", std::process::id());
+        for n in ["alpha", "beta"] {
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(c.run_dir(n).join("rdbd.log"), format!("{keep}/{n}.log"));
+        }
+        eprintln!("logs kept in {keep}");
+    }
     assert!(
-        wait_for(Duration::from_secs(timeout_s), f),
+        ok,
         "{what} (after {timeout_s} s)\nalpha: {}\nbeta: {}\nalpha log:\n{}\nbeta log:\n{}",
         st(c, "alpha"),
         st(c, "beta"),
@@ -298,6 +304,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
     let mut gen_base = 1u64;
     let mut writer_seed = seed;
     let mut kills: HashMap<(&str, &str), u64> = HashMap::new();
+    let mut resync_kills: HashMap<&str, u64> = HashMap::new();
     let mut bytes_verified = 0u64;
     let mut acked_total;
     // Alternate: even cycles kill the Primary, odd ones the Secondary.
@@ -312,7 +319,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         );
         let acks_before = read_acks(&log);
         writer_seed += 1;
-        let w = spawn_writer(
+        let mut w = spawn_writer(
             &c.nbd_uri(primary),
             &log,
             writer_seed,
@@ -332,7 +339,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         *kills
             .entry((victim, if kill_primary { "Primary" } else { "Secondary" }))
             .or_default() += 1;
-        let w = if kill_primary {
+        let mut w = if kill_primary {
             // The writer fails with the connection; the survivor sees the loss,
             // is promoted and takes the writes.
             w.stop();
@@ -346,7 +353,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             primary = secondary;
             writer_seed += 1;
             let a = read_acks(&log);
-            let w = spawn_writer(
+            let mut w = spawn_writer(
                 &c.nbd_uri(primary),
                 &log,
                 writer_seed,
@@ -373,6 +380,61 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             let s = st(&c, victim);
             s["connection"] != "Connecting" && s["connection"] != "StandAlone"
         });
+        // Half of the cycles kill again during that resync (it runs at c-min-rate
+        // while the writer writes): the returning SyncTarget, or the Primary
+        // (SyncSource), whose Inconsistent peer then waits for it to come back.
+        let again = rng.random_range(0..4u32);
+        let delay_ms = rng.random_range(0..300u64);
+        let (who, state) = match again {
+            1 => (victim, "SyncTarget"),
+            2 => (primary, "SyncSource"),
+            _ => ("", ""),
+        };
+        let reached = !who.is_empty()
+            && wait_for(Duration::from_secs(10), || {
+                st(&c, who)["connection"] == state
+            });
+        if !who.is_empty() && !reached {
+            eprintln!(
+                "{tag}: {who} never {state} in 10 s: {}",
+                st(&c, who)["connection"]
+            );
+        }
+        if reached {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            kill9(&c, who);
+            *resync_kills.entry(state).or_default() += 1;
+            eprintln!("{tag}: kill -9 of the {state} {who} after {delay_ms} ms of resync");
+            if who == primary {
+                w.stop();
+            }
+            c.adm_ok(who, &["up", "r0"]);
+            wait_or_dump(&c, 60, &format!("{tag}: {who} never reconnected"), || {
+                let s = st(&c, who);
+                s["connection"] != "Connecting" && s["connection"] != "StandAlone"
+            });
+            if who == primary {
+                // The peer is Inconsistent: only the returned Primary has the data.
+                c.adm_ok(primary, &["primary", "r0"]);
+                writer_seed += 1;
+                let a = read_acks(&log);
+                w = spawn_writer(
+                    &c.nbd_uri(primary),
+                    &log,
+                    writer_seed,
+                    gen_base,
+                    stop.clone(),
+                );
+                gen_base += 10_000_000;
+                wait_acks(
+                    &c,
+                    &log,
+                    a,
+                    50,
+                    &format!("{tag}: no writes after the second return"),
+                );
+            }
+        }
         let a = read_acks(&log);
         wait_acks(
             &c,
@@ -406,9 +468,11 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
     }
     let ledger = read_ledger(&log);
     eprintln!(
-        "crash loop done: seed {seed}, {} kills {:?}, {} acknowledged writes, {} bytes of data areas compared, {:.1} s",
+        "crash loop done: seed {seed}, {} kills {:?}, {} more during a resync {:?}, {} acknowledged writes, {} bytes of data areas compared, {:.1} s",
         2 * cycles,
         kills,
+        resync_kills.values().sum::<u64>(),
+        resync_kills,
         ledger.acked,
         bytes_verified,
         t0.elapsed().as_secs_f64()
@@ -417,4 +481,78 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         let _ = c.adm(n, &["secondary", "r0"]);
         c.adm_ok(n, &["down", "r0"]);
     }
+}
+
+/// Regression (found by the loop above, seed 404756676): resync chunks in flight
+/// when the link died stayed "in flight" on the SyncSource forever, so after a
+/// kill -9 of the SyncTarget the next resync skipped their ranges and never finished.
+#[test]
+fn resync_finishes_after_a_kill_of_the_sync_target_mid_resync() {
+    need_root();
+    let c = Cluster::with_sections(
+        "midresync",
+        "C",
+        "64M",
+        "ping-int 1; ping-timeout 5; connect-int 1;",
+        "frontend none;\n    disk { resync-rate 8M; }",
+    );
+    for n in ["alpha", "beta"] {
+        c.adm_ok(n, &["create-md", "--force", "r0"]);
+        c.adm_ok(n, &["up", "r0"]);
+    }
+    wait_or_dump(&c, 30, "never connected", || {
+        st(&c, "alpha")["connection"] == "Connected" && st(&c, "beta")["connection"] == "Connected"
+    });
+    c.adm_ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    wait_or_dump(&c, 30, "not in sync", || in_sync(&c));
+    c.adm_ok("alpha", &["primary", "r0"]);
+    let size = st(&c, "alpha")["size_bytes"].as_u64().unwrap();
+    // 24 MiB written while beta is away: a 3 s resync at 8 MiB/s.
+    c.adm_ok("beta", &["disconnect", "r0"]);
+    let script = r#"
+import sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(24):
+    h.pwrite(bytes([0x40 + i]) * (1 << 20), i << 20)
+h.flush()
+"#;
+    run_ok(60, "/usr/bin/python3", &["-c", script, &c.nbd_uri("alpha")]);
+    c.adm_ok("beta", &["connect", "r0"]);
+    wait_or_dump(&c, 30, "no resync started", || {
+        let b = st(&c, "beta");
+        b["connection"] == "SyncTarget" && b["resync_bytes_total"].as_u64().unwrap_or(0) >= 4 << 20
+    });
+    // Stopped first, so that the SyncSource has chunks sent and not acknowledged
+    // when the connection dies.
+    let pid = std::fs::read_to_string(c.run_dir("beta").join("rdbd.pid")).unwrap();
+    run_ok(10, "kill", &["-STOP", pid.trim()]);
+    std::thread::sleep(Duration::from_millis(700));
+    kill9(&c, "beta");
+    c.adm_ok("beta", &["up", "r0"]);
+    wait_or_dump(
+        &c,
+        60,
+        "the resync after the SyncTarget's return never finished",
+        || in_sync(&c),
+    );
+    c.adm_ok("alpha", &["secondary", "r0"]);
+    for n in ["alpha", "beta"] {
+        c.adm_ok(n, &["down", "r0"]);
+    }
+    let (a, b) = (
+        std::fs::read(c.img("alpha")).unwrap(),
+        std::fs::read(c.img("beta")).unwrap(),
+    );
+    for i in 0..24usize {
+        assert!(
+            b[i << 20..(i + 1) << 20]
+                .iter()
+                .all(|&x| x == 0x40 + i as u8),
+            "MiB {i} missing on beta"
+        );
+    }
+    assert!(
+        a[..size as usize] == b[..size as usize],
+        "data areas differ"
+    );
 }

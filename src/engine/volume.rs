@@ -873,6 +873,11 @@ impl Volume {
         g.peer_tx = None;
         g.peer_work.clear();
         self.diskless.fail_reads();
+        // Resync chunks sent on the lost connection will never be acknowledged:
+        // their bits stay set and the next resync sends them again. Left here, they
+        // would count as in flight forever and the next resync would skip their
+        // ranges and never finish.
+        g.resync_inflight.clear();
         let event = if admin {
             Event::Disconnect
         } else {
