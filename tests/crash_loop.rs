@@ -353,7 +353,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             primary = secondary;
             writer_seed += 1;
             let a = read_acks(&log);
-            let mut w = spawn_writer(
+            let w = spawn_writer(
                 &c.nbd_uri(primary),
                 &log,
                 writer_seed,
