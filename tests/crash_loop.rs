@@ -14,6 +14,10 @@
 //! - Secondary killed: the writer keeps writing on the Primary; the killed node comes
 //!   back and resyncs while the writes go on.
 //!
+//! - In half of the cycles (seeded), a second kill -9 hits the resync that follows:
+//!   of the returning SyncTarget, or of the Primary (SyncSource), which is then
+//!   restarted and promoted again (its Inconsistent peer cannot take over).
+//!
 //! After each cycle (writer stopped, both nodes UpToDate with nothing out of sync),
 //! the checker reads both backing files: every block's content is one of the writes
 //! issued to it (its SHA-256 matches the logged intent), never older than the last
