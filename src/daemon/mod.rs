@@ -10,6 +10,7 @@
 //! [`replication`] keeps its link to the peer.
 
 pub mod access;
+pub mod io_error;
 pub mod replication;
 pub mod resource;
 pub mod server;

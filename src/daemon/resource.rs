@@ -242,6 +242,9 @@ impl Resource {
                 size_bytes: Some(md.layout.data_size_bytes),
             },
         )?;
+        // Tests only: RDB_FAULT_SPEC makes the data area fail (daemon/io_error.rs).
+        let storage =
+            super::io_error::wrap_for_tests(name, storage).map_err(ResourceError::Unsupported)?;
         let mut md = md;
         let disk = disk_state_from_flags(md.superblock.flags);
         let mut bitmap = meta::Bitmap::load(&md)?;
@@ -289,6 +292,14 @@ impl Resource {
                 activity_log: cfg.disk.al_updates,
             },
         )?);
+        volume.set_io_error_policy(
+            super::io_error::policy(cfg.disk.on_io_error),
+            super::io_error::handler_hook(
+                &cfg.handlers,
+                name,
+                cfg.peers.first().map(|p| p.name.as_str()),
+            ),
+        );
         tracing::info!(
             resource = name,
             "disk( Diskless -> {disk} ), size {} bytes",

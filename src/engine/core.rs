@@ -268,6 +268,8 @@ struct Pending {
     peer_needed: bool,
     /// How far the peer has got.
     peer: PeerProgress,
+    /// The peer failed the request or was lost before writing it.
+    peer_failed: bool,
 }
 
 #[derive(Debug)]
@@ -556,6 +558,7 @@ impl Engine {
                 if let Some(p) = self.pending.get_mut(&id) {
                     if p.peer_needed && p.peer < PeerProgress::Written {
                         p.peer = PeerProgress::Written;
+                        p.peer_failed = true;
                         if p.kind.is_write() {
                             out.push(Action::MarkOutOfSync {
                                 offset_bytes: p.offset_bytes,
@@ -618,7 +621,7 @@ impl Engine {
         // A SyncSource may be Secondary: resync reads need usable data, not a role.
         let refusal = if self.role != Role::Primary && kind != ReqKind::Resync {
             Some(Refusal::NotPrimary(self.role))
-        } else if !self.disk.is_usable() {
+        } else if !(self.disk.is_usable() || kind != ReqKind::Resync && self.diskless_served()) {
             Some(Refusal::NoUsableData(self.disk))
         } else if offset_bytes
             .checked_add(len_bytes)
@@ -657,6 +660,7 @@ impl Engine {
                 local: None,
                 peer_needed: false,
                 peer: PeerProgress::None,
+                peer_failed: false,
             },
         );
         self.counters.app_pending += 1;
@@ -714,6 +718,16 @@ impl Engine {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
+        // Diskless (disk detached after an I/O error): a write or flush exists only
+        // on the peer; without the peer's acknowledgement it failed.
+        let local = if self.disk == DiskState::Diskless
+            && (p.kind.is_write() || p.kind == ReqKind::Flush)
+            && (!p.peer_needed || p.peer_failed)
+        {
+            Err(libc::EIO)
+        } else {
+            local
+        };
         if p.peer_needed {
             self.counters.peer_pending -= 1;
             if p.kind.is_write() && p.peer < PeerProgress::Written {
@@ -769,9 +783,17 @@ impl Engine {
                     });
                 }
                 p.peer = PeerProgress::Written;
+                p.peer_failed = true;
             }
             self.try_complete(id, out);
         }
+    }
+
+    /// A Diskless Primary serves I/O through a connected UpToDate peer.
+    fn diskless_served(&self) -> bool {
+        self.disk == DiskState::Diskless
+            && self.conn.is_connected()
+            && self.peer_disk == DiskState::UpToDate
     }
 
     fn peer_write_overlaps(&self, offset_bytes: u64, len_bytes: u64) -> bool {

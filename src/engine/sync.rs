@@ -183,6 +183,10 @@ pub fn decide(
     tiebreak: bool,
 ) -> SyncDecision {
     use DiskState::Inconsistent;
+    // A Diskless side (detached after an I/O error) has nothing to resync with.
+    if mine.disk == DiskState::Diskless || peer.disk == DiskState::Diskless {
+        return SyncDecision::NoData;
+    }
     let (me_ok, peer_ok) = (mine.disk.is_usable(), peer.disk.is_usable());
     let has_data = |d: DiskState| d > Inconsistent && d != DiskState::DUnknown;
     if !has_data(mine.disk) && !has_data(peer.disk) {

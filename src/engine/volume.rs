@@ -39,6 +39,9 @@ use crate::meta::bitmap::DirtyPages;
 use crate::meta::{self, Bitmap, GenerationUuids, MetaData, MetaError, Superblock};
 use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
+mod diskless;
+pub use self::diskless::{IoErrorHook, IoErrorPolicy, READ_ID_BIT};
+
 /// Largest request sent to the peer in one frame; larger writes are split.
 pub const MAX_PEER_REQUEST_BYTES: u64 = repl::MAX_PAYLOAD_BYTES as u64;
 
@@ -225,6 +228,8 @@ pub struct Volume {
     meta_changed: tokio::sync::Notify,
     next_id: AtomicU64,
     epoch: Instant,
+    /// `on-io-error` and the Diskless mode (`diskless.rs`).
+    diskless: diskless::Diskless,
 }
 
 impl std::fmt::Debug for Volume {
@@ -321,6 +326,7 @@ impl Volume {
             meta_changed: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
+            diskless: diskless::Diskless::default(),
         })
     }
 
@@ -507,6 +513,8 @@ impl Volume {
             DiskState::UpToDate => CONSISTENT | WAS_UP_TO_DATE,
             DiskState::Consistent => CONSISTENT | (sb.flags & WAS_UP_TO_DATE),
             DiskState::Outdated => CONSISTENT | OUTDATED,
+            // A disk detached after an I/O error missed writes: full resync.
+            DiskState::Diskless if self.diskless.is_detached() => 0,
             DiskState::Diskless | DiskState::Attaching | DiskState::DUnknown => {
                 sb.flags & (CONSISTENT | OUTDATED | WAS_UP_TO_DATE)
             }
@@ -864,6 +872,12 @@ impl Volume {
         let mut g = self.lock();
         g.peer_tx = None;
         g.peer_work.clear();
+        self.diskless.fail_reads();
+        // Resync chunks sent on the lost connection will never be acknowledged:
+        // their bits stay set and the next resync sends them again. Left here, they
+        // would count as in flight forever and the next resync would skip their
+        // ranges and never finish.
+        g.resync_inflight.clear();
         let event = if admin {
             Event::Disconnect
         } else {
@@ -894,6 +908,9 @@ impl Volume {
     /// is the whole data path (no task hop per write), and a slow disk slows the
     /// link down (back-pressure through TCP) instead of queueing without bound.
     pub async fn on_frame(self: &Arc<Self>, frame: Frame<Bytes>) {
+        let Some(frame) = self.diskless_frame(frame).await else {
+            return;
+        };
         let event = match frame {
             Frame::Data {
                 offset_bytes,
@@ -1448,7 +1465,7 @@ impl Volume {
             // If this future is dropped mid-I/O (client gone), the guard still reports
             // a completion so the engine never keeps a request in flight forever.
             let guard = CancelGuard { volume: self, id };
-            let mut result = self.local(offset_bytes, op).await;
+            let mut result = self.local_or_peer(kind, offset_bytes, op).await;
             if kind == ReqKind::Resync {
                 // Send while overlapping writes still wait: they follow it on the
                 // link, so the peer applies them after this (older) data.
