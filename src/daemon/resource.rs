@@ -289,6 +289,9 @@ impl Resource {
                 activity_log: cfg.disk.al_updates,
             },
         )?);
+        // A promotion waits for the peer's answer as long as DRBD's `timeout` (at
+        // least 1 s).
+        volume.set_replication_limits(cfg.net.max_epoch_size, cfg.net.timeout_ms.max(1000));
         tracing::info!(
             resource = name,
             "disk( Diskless -> {disk} ), size {} bytes",
@@ -439,7 +442,7 @@ impl Resource {
     pub async fn primary(&mut self, force: bool) -> Result<Vec<String>, ResourceError> {
         let mut warnings = Vec::new();
         let was = self.volume.snapshot();
-        let forced = self.volume.promote(force)?;
+        let forced = self.volume.promote(force).await?;
         if was.role != Role::Primary {
             tracing::info!(resource = self.name(), "role( {} -> Primary )", was.role);
         }
