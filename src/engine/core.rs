@@ -1682,10 +1682,15 @@ mod tests {
         );
         out.clear();
         e.handle(0, Event::PeerLost, &mut out);
-        // 1: marked then completed; 2: marked, completes when its local write is done.
+        // 2 (written on the peer, not yet covered by a barrier ack): marked, completes
+        // when its local write is done; 1: marked then completed.
         assert_eq!(
             out,
             vec![
+                Action::MarkOutOfSync {
+                    offset_bytes: 65536,
+                    len_bytes: 512
+                },
                 Action::MarkOutOfSync {
                     offset_bytes: 8192,
                     len_bytes: 4096
@@ -1906,5 +1911,300 @@ mod tests {
         );
         assert!(completes(&out, 1));
         assert!(e.demote().is_ok());
+    }
+
+    fn ack_written(e: &mut Engine, id: ReqId, out: &mut Vec<Action>) {
+        e.handle(0, Event::LocalDone { id, result: Ok(()) }, out);
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id,
+                progress: PeerProgress::Written,
+            },
+            out,
+        );
+    }
+
+    fn marks(out: &[Action]) -> usize {
+        out.iter()
+            .filter(|a| matches!(a, Action::MarkOutOfSync { .. }))
+            .count()
+    }
+
+    #[test]
+    fn written_writes_stay_in_the_transfer_log_until_a_barrier_ack() {
+        let mut e = connected(Protocol::C);
+        e.set_max_epoch_size(2);
+        let mut out = Vec::new();
+        e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
+        ack_written(&mut e, 1, &mut out);
+        assert!(completes(&out, 1));
+        assert_eq!(e.transfer_log_len(), 1);
+        out.clear();
+        // The second written write fills the epoch: a barrier closes it.
+        e.handle(0, req(2, ReqKind::Write, 8192, 4096), &mut out);
+        ack_written(&mut e, 2, &mut out);
+        assert!(out.contains(&Action::SendBarrier { epoch: 0 }), "{out:?}");
+        // A write acknowledged after the barrier belongs to the next epoch.
+        e.handle(0, req(3, ReqKind::Write, 16384, 4096), &mut out);
+        ack_written(&mut e, 3, &mut out);
+        assert_eq!(e.transfer_log_len(), 3);
+        e.handle(0, Event::PeerBarrierAck { epoch: 0 }, &mut out);
+        assert_eq!(e.transfer_log_len(), 1);
+        // A stale or unknown barrier ack releases nothing.
+        e.handle(0, Event::PeerBarrierAck { epoch: 7 }, &mut out);
+        assert_eq!(e.transfer_log_len(), 1);
+        out.clear();
+        e.handle(0, Event::PeerLost, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::MarkOutOfSync {
+                offset_bytes: 16384,
+                len_bytes: 4096
+            }]
+        );
+        assert_eq!(e.transfer_log_len(), 0);
+    }
+
+    #[test]
+    fn an_application_flush_and_the_tick_close_epochs() {
+        let mut e = connected(Protocol::A);
+        let mut out = Vec::new();
+        e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        assert!(
+            completes(&out, 1),
+            "protocol A completes before the WriteAck"
+        );
+        // The flush goes out before the WriteAck of 1 arrived: it cannot cover 1.
+        e.handle(0, req(2, ReqKind::Flush, 0, 0), &mut out);
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id: 1,
+                progress: PeerProgress::Written,
+            },
+            &mut out,
+        );
+        ack_written(&mut e, 2, &mut out);
+        assert_eq!(e.transfer_log_len(), 1);
+        // The tick closes the epoch holding 1 once it is old enough.
+        out.clear();
+        e.handle(EPOCH_CLOSE_MS - 1, Event::Tick, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        e.handle(EPOCH_CLOSE_MS + 1, Event::Tick, &mut out);
+        assert_eq!(out, vec![Action::SendBarrier { epoch: 1 }]);
+        e.handle(0, Event::PeerBarrierAck { epoch: 1 }, &mut out);
+        assert_eq!(e.transfer_log_len(), 0);
+        out.clear();
+        e.handle(0, Event::PeerLost, &mut out);
+        assert_eq!(marks(&out), 0);
+    }
+
+    #[test]
+    fn a_secondary_acks_a_barrier_after_its_flush_on_the_same_connection_only() {
+        let mut e = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut out = Vec::new();
+        let up = Event::PeerConnected {
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+        };
+        e.handle(0, up.clone(), &mut out);
+        e.handle(0, Event::PeerBarrier { epoch: 4 }, &mut out);
+        assert_eq!(out, vec![Action::FlushForBarrier { epoch: 4, token: 0 }]);
+        assert_eq!(e.counters().local_pending, 1);
+        out.clear();
+        let done = |token| Event::PeerBarrierDone {
+            epoch: 4,
+            token,
+            result: Ok(()),
+        };
+        e.handle(0, done(0), &mut out);
+        assert_eq!(out, vec![Action::AckBarrier { epoch: 4, count: 0 }]);
+        out.clear();
+        e.handle(0, Event::PeerBarrier { epoch: 5 }, &mut out);
+        e.handle(0, Event::PeerLost, &mut out);
+        e.handle(0, up, &mut out);
+        out.clear();
+        e.handle(0, done(0), &mut out);
+        assert!(
+            out.is_empty(),
+            "a flush of the old connection acks nothing: {out:?}"
+        );
+        assert_eq!(e.counters().local_pending, 0);
+    }
+
+    fn secondary_pair() -> (Engine, Engine) {
+        let mut a = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut b = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        a.set_conflict_winner(true);
+        let mut out = Vec::new();
+        for e in [&mut a, &mut b] {
+            e.handle(
+                0,
+                Event::PeerConnected {
+                    role: Role::Secondary,
+                    disk: DiskState::UpToDate,
+                },
+                &mut out,
+            );
+        }
+        (a, b)
+    }
+
+    /// Delivers `from`'s state-change frames in `out` to `to`; returns `to`'s actions.
+    fn deliver(to: &mut Engine, out: &[Action]) -> Vec<Action> {
+        let mut back = Vec::new();
+        for a in out {
+            let ev = match a {
+                Action::SendStateChangeRequest { role } => {
+                    Event::PeerStateChangeRequest { role: *role }
+                }
+                Action::SendStateChangeReply { reply } => {
+                    Event::PeerStateChangeReply { reply: *reply }
+                }
+                _ => continue,
+            };
+            to.handle(0, ev, &mut back);
+        }
+        back
+    }
+
+    #[test]
+    fn promotion_while_connected_waits_for_the_peer() {
+        let (mut a, mut b) = secondary_pair();
+        let mut out = Vec::new();
+        assert_eq!(a.begin_promote(0, false, &mut out), Ok(PromoteStart::Asked));
+        assert_eq!(a.role(), Role::Secondary);
+        let reply = deliver(&mut b, &out);
+        assert_eq!(
+            reply,
+            vec![Action::SendStateChangeReply {
+                reply: ChangeReply::Granted
+            }]
+        );
+        // Granted: b refuses its own promotion until it sees a Primary.
+        assert_eq!(
+            b.begin_promote(0, false, &mut Vec::new()),
+            Err(StateChangeError::Concurrent)
+        );
+        let done = deliver(&mut a, &reply);
+        assert_eq!(
+            done,
+            vec![
+                Action::PromoteDone { result: Ok(false) },
+                Action::AnnounceState
+            ]
+        );
+        assert_eq!(a.role(), Role::Primary);
+        // A Primary refuses the peer's request.
+        let mut out = Vec::new();
+        b.handle(
+            0,
+            Event::PeerState {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            b.begin_promote(0, false, &mut out),
+            Err(StateChangeError::PeerIsPrimary)
+        );
+        let back = deliver(
+            &mut a,
+            &[Action::SendStateChangeRequest {
+                role: Role::Primary,
+            }],
+        );
+        assert_eq!(
+            back,
+            vec![Action::SendStateChangeReply {
+                reply: ChangeReply::TwoPrimaries
+            }]
+        );
+    }
+
+    #[test]
+    fn racing_promotions_let_exactly_one_node_win() {
+        let (mut a, mut b) = secondary_pair();
+        let (mut qa, mut qb) = (Vec::new(), Vec::new());
+        assert_eq!(a.begin_promote(0, false, &mut qa), Ok(PromoteStart::Asked));
+        assert_eq!(b.begin_promote(0, false, &mut qb), Ok(PromoteStart::Asked));
+        // Both requests cross on the wire.
+        let from_b = deliver(&mut b, &qa); // b loses: aborts its own, grants a's
+        let from_a = deliver(&mut a, &qb); // a wins: refuses b's
+        assert!(from_b.contains(&Action::PromoteDone {
+            result: Err(StateChangeError::Concurrent)
+        }));
+        assert!(from_a.contains(&Action::SendStateChangeReply {
+            reply: ChangeReply::Concurrent
+        }));
+        let a_done = deliver(&mut a, &from_b);
+        let _ = deliver(&mut b, &from_a);
+        assert!(a_done.contains(&Action::PromoteDone { result: Ok(false) }));
+        assert_eq!(a.role(), Role::Primary);
+        assert_eq!(b.role(), Role::Secondary);
+    }
+
+    #[test]
+    fn a_promotion_without_reply_times_out_and_one_interrupted_by_a_loss_fails() {
+        let (mut a, _) = secondary_pair();
+        a.set_state_change_timeout_ms(500);
+        let mut out = Vec::new();
+        assert_eq!(
+            a.begin_promote(10, false, &mut out),
+            Ok(PromoteStart::Asked)
+        );
+        out.clear();
+        a.handle(400, Event::Tick, &mut out);
+        assert!(out.is_empty());
+        a.handle(510, Event::Tick, &mut out);
+        assert_eq!(
+            out[0],
+            Action::PromoteDone {
+                result: Err(StateChangeError::NoReply(500))
+            }
+        );
+        assert_eq!(a.role(), Role::Secondary);
+        // A late grant of the timed-out request is ignored; the release was sent.
+        assert!(out.contains(&Action::SendStateChangeRequest {
+            role: Role::Secondary
+        }));
+        out.clear();
+        a.handle(
+            600,
+            Event::PeerStateChangeReply {
+                reply: ChangeReply::Granted,
+            },
+            &mut out,
+        );
+        a.handle(
+            600,
+            Event::PeerStateChangeReply {
+                reply: ChangeReply::Granted,
+            },
+            &mut out,
+        );
+        assert_eq!(a.role(), Role::Secondary);
+        assert_eq!(
+            a.begin_promote(700, false, &mut out),
+            Ok(PromoteStart::Asked)
+        );
+        out.clear();
+        a.handle(710, Event::PeerLost, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::PromoteDone {
+                result: Err(StateChangeError::Interrupted)
+            }]
+        );
     }
 }

@@ -357,7 +357,8 @@ impl Volume {
     /// Promotes this node (see [`Engine::begin_promote`]); returns whether data was
     /// forced. With a connected peer, the peer is asked first and this waits for its
     /// answer. A forced promotion, or one without a connected peer, starts a new
-    /// data generation (new current UUID), as DRBD does.
+    /// data generation (new current UUID), as DRBD does. The caller persists the
+    /// superblock (the keeper is not woken: its write could race the caller's).
     pub async fn promote(&self, force: bool) -> Result<bool, StateChangeError> {
         let (started, deferred, rx) = {
             let mut g = self.lock();
@@ -390,9 +391,6 @@ impl Volume {
             (PromoteStart::Done(forced), None) => Ok(forced),
             (PromoteStart::Asked, None) => Err(StateChangeError::Interrupted),
         };
-        if result.is_ok() {
-            self.meta_changed.notify_one();
-        }
         result
     }
 
@@ -1539,9 +1537,10 @@ impl Volume {
                     }
                 }
                 Action::PromoteDone { result } => {
+                    // The caller (`Resource::primary`) persists the superblock with
+                    // its Primary flag; a keeper write racing it could drop the flag.
                     if let Ok(forced) = result {
                         self.promoted(inner, forced);
-                        self.meta_changed.notify_one();
                     }
                     deferred.push(Deferred::PromoteDone(result));
                 }
