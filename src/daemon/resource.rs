@@ -607,7 +607,7 @@ impl Resource {
             }
             self.kernel_dev = None;
         }
-        self.volume.demote()?;
+        self.volume.demote_waiting(Duration::from_secs(5)).await?;
         self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
         self.mark_not_primary();

@@ -573,6 +573,14 @@ impl Engine {
         self.transfer_log.len()
     }
 
+    /// Completed writes whose WriteAck has not arrived (protocols A and B).
+    pub fn writes_awaiting_peer(&self) -> usize {
+        self.transfer_log
+            .iter()
+            .filter(|e| e.epoch == NOT_WRITTEN)
+            .count()
+    }
+
     /// Whether [`Event::Tick`] has something to do (an open epoch, a state change).
     pub fn wants_tick(&self) -> bool {
         self.epoch_writes > 0 || self.change != Change::Idle
@@ -838,6 +846,14 @@ impl Engine {
         if app > 0 {
             return Err(StateChangeError::HeldOpen(format!(
                 "{app} requests in flight"
+            )));
+        }
+        // As DRBD waits for ap_pending: writes the peer has not acknowledged yet
+        // (protocols A and B) would be lost with this node if it crashed as Secondary.
+        let unacked = self.writes_awaiting_peer();
+        if unacked > 0 && self.conn.is_connected() {
+            return Err(StateChangeError::HeldOpen(format!(
+                "{unacked} writes awaiting the peer's acknowledgement"
             )));
         }
         self.role = Role::Secondary;

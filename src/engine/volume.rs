@@ -430,6 +430,26 @@ impl Volume {
         self.lock().engine.transfer_log_len()
     }
 
+    /// Demotes this node, waiting up to `timeout` for the peer to acknowledge the
+    /// writes it has not acknowledged yet (protocols A and B; DRBD waits the same way).
+    pub async fn demote_waiting(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<(), StateChangeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.demote() {
+                Err(StateChangeError::HeldOpen(_))
+                    if self.lock().engine.writes_awaiting_peer() > 0
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Demotes this node.
     pub fn demote(&self) -> Result<(), StateChangeError> {
         let mut g = self.lock();
