@@ -13,7 +13,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use crate::disk::SimDisk;
-use crate::engine::core::{AckKind, Action, Engine, Event, PeerProgress, ReqId, ReqKind};
+use crate::engine::core::{
+    AckKind, Action, ChangeReply, Engine, Event, PeerProgress, PromoteStart, ReqId, ReqKind,
+};
 use crate::engine::state::{DiskState, Role};
 use crate::engine::StateChangeError;
 use crate::rng::Rng;
@@ -47,6 +49,24 @@ enum Io {
 enum DiskOp {
     App(ReqId),
     Peer(u64),
+    /// The flush for the peer's barrier.
+    Barrier {
+        epoch: u32,
+        token: u64,
+    },
+}
+
+/// Why a promotion was started (what to do with its outcome).
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// Failover or switchover (`from` == the node itself for a failover).
+    Retry { from: usize, attempts: u32 },
+    /// A refused switchover gives the role back to the old Primary.
+    Back,
+    /// An administrator's promotion; the peer's role as this node saw it.
+    Rogue { peer_role: Role },
+    /// The cluster manager: 0 last Primary, 1 the other node, 2 last Primary forced.
+    Manager { stage: u8 },
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +97,18 @@ enum Frame {
         role: Role,
         disk: DiskState,
     },
+    Barrier {
+        epoch: u32,
+    },
+    BarrierAck {
+        epoch: u32,
+    },
+    StateChangeRequest {
+        role: Role,
+    },
+    StateChangeReply {
+        reply: ChangeReply,
+    },
 }
 
 #[derive(Debug)]
@@ -103,6 +135,8 @@ enum Ev {
     Heal,
     Crash {
         node: usize,
+        /// Always a power loss (injected bugs).
+        power: bool,
     },
     Restart {
         node: usize,
@@ -175,6 +209,8 @@ struct Node {
     hot: Vec<u64>,
     /// Completion number when each in-flight flush was submitted.
     flush_gen: BTreeMap<ReqId, u64>,
+    /// A promotion waiting for the peer's answer, and why it was started.
+    promoting: Option<Why>,
 }
 
 impl Node {
@@ -201,6 +237,7 @@ impl Node {
             restart_promote: false,
             hot: vec![0; sectors],
             flush_gen: BTreeMap::new(),
+            promoting: None,
         }
     }
 
@@ -245,6 +282,8 @@ struct World<'a> {
     last_primary: usize,
     trace: VecDeque<String>,
     report: SimReport,
+    /// A violation found where no `Res` could carry it.
+    pending_violation: Option<Violation>,
 }
 
 type Res = Result<(), Violation>;
@@ -299,6 +338,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Violation> {
             seed,
             ..SimReport::default()
         },
+        pending_violation: None,
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
     match outcome {
@@ -346,6 +386,9 @@ impl World<'_> {
                 && self.failover_pending.is_none()
             {
                 self.ensure_primary();
+                if let Some(v) = self.pending_violation.take() {
+                    return Err(v);
+                }
             }
             if let Some(start) = self.heal_start {
                 if self.now > start + HEAL_DEADLINE_MS {
@@ -579,7 +622,13 @@ impl World<'_> {
                             self.note(format!("n{n}: BUG AckBeforeWrite acks {pid} early"));
                             self.send(n, ep, Frame::WriteAck { id: pid });
                             if self.rng.chance(300) {
-                                self.schedule(0, Ev::Crash { node: n });
+                                self.schedule(
+                                    0,
+                                    Ev::Crash {
+                                        node: n,
+                                        power: false,
+                                    },
+                                );
                             }
                         }
                     }
@@ -601,6 +650,59 @@ impl World<'_> {
                     };
                     self.send(n, ep, frame);
                 }
+                Action::SendBarrier { epoch } => {
+                    if let Some(ep) = self.nodes[n].peer_tx {
+                        self.send(n, ep, Frame::Barrier { epoch });
+                    }
+                }
+                Action::FlushForBarrier { epoch, token } => {
+                    if self.opts.inject_bug == Some(Bug::AckBeforeWrite) {
+                        // BUG: the barrier is acknowledged before the flush, and the
+                        // Secondary sometimes loses power right after.
+                        self.note(format!(
+                            "n{n}: BUG AckBeforeWrite acks barrier {epoch} early"
+                        ));
+                        if let Some(ep) = self.nodes[n].peer_tx {
+                            self.send(n, ep, Frame::BarrierAck { epoch });
+                        }
+                        if self.rng.chance(300) {
+                            self.schedule(
+                                0,
+                                Ev::Crash {
+                                    node: n,
+                                    power: true,
+                                },
+                            );
+                        }
+                    }
+                    self.nodes[n].outstanding += 1;
+                    let mark = self.nodes[n].disk.flush_mark();
+                    self.submit_io(n, DiskOp::Barrier { epoch, token }, Io::Flush { mark });
+                }
+                Action::AckBarrier { epoch, .. } => {
+                    if self.opts.inject_bug == Some(Bug::AckBeforeWrite) {
+                        continue; // already acknowledged
+                    }
+                    if let Some(ep) = self.nodes[n].peer_tx {
+                        self.send(n, ep, Frame::BarrierAck { epoch });
+                    }
+                }
+                Action::SendStateChangeRequest { role } => {
+                    if let Some(ep) = self.nodes[n].peer_tx {
+                        self.send(n, ep, Frame::StateChangeRequest { role });
+                    }
+                }
+                Action::SendStateChangeReply { reply } => {
+                    if let Some(ep) = self.nodes[n].peer_tx {
+                        self.send(n, ep, Frame::StateChangeReply { reply });
+                    }
+                }
+                Action::PromoteDone { result } => {
+                    if let Some(why) = self.nodes[n].promoting.take() {
+                        self.promote_result(n, why, result)?;
+                    }
+                }
+                Action::AnnounceState => self.announce(n),
             }
         }
         Ok(())
@@ -733,7 +835,7 @@ impl World<'_> {
                 self.schedule_connect();
                 Ok(())
             }
-            Ev::Crash { node } => self.crash(node),
+            Ev::Crash { node, power } => self.crash(node, power),
             Ev::Restart { node } => self.restart(node),
             Ev::PromoteRetry {
                 node,
@@ -852,6 +954,14 @@ impl World<'_> {
         match op {
             DiskOp::App(id) => self.feed(n, Event::LocalDone { id, result }),
             DiskOp::Peer(peer_id) => self.feed(n, Event::PeerRequestDone { peer_id, result }),
+            DiskOp::Barrier { epoch, token } => self.feed(
+                n,
+                Event::PeerBarrierDone {
+                    epoch,
+                    token,
+                    result,
+                },
+            ),
         }
     }
 
@@ -946,6 +1056,14 @@ impl World<'_> {
                 Ok(())
             }
             Frame::State { role, disk } => self.feed(n, Event::PeerState { role, disk }),
+            Frame::Barrier { epoch } => self.feed(n, Event::PeerBarrier { epoch }),
+            Frame::BarrierAck { epoch } => self.feed(n, Event::PeerBarrierAck { epoch }),
+            Frame::StateChangeRequest { role } => {
+                self.feed(n, Event::PeerStateChangeRequest { role })
+            }
+            Frame::StateChangeReply { reply } => {
+                self.feed(n, Event::PeerStateChangeReply { reply })
+            }
         }
     }
 
@@ -1048,16 +1166,18 @@ impl World<'_> {
         }
         for i in 0..2 {
             let (role, disk) = states[1 - i];
+            // Racing state changes: node 0 wins (as the node whose name sorts first).
+            self.nodes[i].engine.set_conflict_winner(i == 0);
             self.feed(i, Event::PeerConnected { role, disk })?;
         }
         Ok(())
     }
 
-    fn crash(&mut self, n: usize) -> Res {
+    fn crash(&mut self, n: usize, force_power: bool) -> Res {
         if !self.nodes[n].up {
             return Ok(());
         }
-        let power = self.rng.chance(self.opts.faults.power_loss);
+        let power = self.rng.chance(self.opts.faults.power_loss) || force_power;
         let was_primary = self.nodes[n].engine.role() == Role::Primary;
         self.note(format!(
             "n{n}: CRASH ({}) as {}",
@@ -1094,6 +1214,10 @@ impl World<'_> {
         node.inc += 1;
         node.slots.clear();
         node.flush_gen.clear();
+        if let Some(Why::Retry { .. }) = node.promoting.take() {
+            self.switch_pending = false;
+        }
+        let node = &mut self.nodes[n];
         node.hot.iter_mut().for_each(|h| *h = 0);
         node.peer_work.clear();
         node.sent.clear();
@@ -1163,19 +1287,57 @@ impl World<'_> {
             );
             return Ok(());
         }
-        match self.nodes[n].engine.promote(false) {
-            Ok(_) if from == n => {
+        self.start_promote(n, false, Why::Retry { from, attempts })
+    }
+
+    /// Starts a promotion of node `n` through the engine's cluster-wide state
+    /// change; the outcome goes to [`World::promote_result`] now or when the peer
+    /// answers.
+    fn start_promote(&mut self, n: usize, force: bool, why: Why) -> Res {
+        let mut actions = Vec::new();
+        let now = self.now;
+        let r = self.nodes[n].engine.begin_promote(now, force, &mut actions);
+        self.note(format!(
+            "n{n}: begin_promote(force={force}) for {why:?}: {r:?}"
+        ));
+        match r {
+            Ok(PromoteStart::Asked) => {
+                self.nodes[n].promoting = Some(why);
+                self.run_actions(n, actions)
+            }
+            Ok(PromoteStart::Done(forced)) => {
+                self.run_actions(n, actions)?;
+                self.promote_result(n, why, Ok(forced))
+            }
+            Err(e) => {
+                self.run_actions(n, actions)?;
+                self.promote_result(n, why, Err(e))
+            }
+        }
+    }
+
+    fn promote_result(
+        &mut self,
+        n: usize,
+        why: Why,
+        result: Result<bool, StateChangeError>,
+    ) -> Res {
+        match (why, result) {
+            (Why::Retry { from, .. }, Ok(_)) if from == n => {
                 self.note(format!("n{n}: failover: promoted"));
                 self.report.failovers += 1;
                 self.switch_pending = false;
             }
-            Ok(_) => {
+            (Why::Retry { .. }, Ok(_)) => {
                 self.note(format!("n{n}: switchover: promoted"));
                 self.report.switchovers += 1;
                 self.switch_pending = false;
                 self.announce(n);
             }
-            Err(StateChangeError::PeerIsPrimary) if attempts < 50 => {
+            (
+                Why::Retry { from, attempts },
+                Err(StateChangeError::PeerIsPrimary | StateChangeError::Concurrent),
+            ) if attempts < 50 => {
                 self.schedule(
                     10,
                     Ev::PromoteRetry {
@@ -1185,15 +1347,51 @@ impl World<'_> {
                     },
                 );
             }
-            Err(e) => {
+            (Why::Retry { from, .. }, Err(e)) => {
                 self.note(format!("n{n}: switchover refused: {e}; n{from} back"));
                 self.switch_pending = false;
                 if from != n && self.nodes[from].up && self.nodes[n].engine.role() != Role::Primary
                 {
-                    if let Err(e) = self.nodes[from].engine.promote(false) {
-                        self.note(format!("n{from}: re-promote refused: {e}"));
+                    self.start_promote(from, false, Why::Back)?;
+                }
+            }
+            (Why::Back, Ok(_)) => {
+                self.note(format!("n{n}: re-promoted"));
+                self.announce(n);
+            }
+            (Why::Back, Err(e)) => self.note(format!("n{n}: re-promote refused: {e}")),
+            (Why::Rogue { peer_role }, Ok(_)) => {
+                self.note(format!(
+                    "n{n}: rogue promote succeeded (peer seen as {peer_role})"
+                ));
+                if self.nodes[n].engine.peer().0 == Role::Primary {
+                    return Err(self.violation(
+                        Invariant::SinglePrimary,
+                        format!("n{n}: promotion succeeded while the peer is known Primary"),
+                    ));
+                }
+                self.announce(n);
+            }
+            (Why::Rogue { .. }, Err(e)) => self.note(format!("n{n}: rogue promote refused: {e}")),
+            (Why::Manager { stage }, Ok(_)) => {
+                self.note(format!(
+                    "n{n}: promoted by the cluster manager (stage {stage})"
+                ));
+                self.announce(n);
+            }
+            (Why::Manager { stage }, Err(e)) => {
+                self.note(format!("n{n}: cluster manager's promotion refused: {e}"));
+                let last = self.last_primary;
+                let both_secondary = self.both_connected()
+                    && self.nodes.iter().all(|x| x.engine.role() != Role::Primary);
+                match stage {
+                    0 if both_secondary => {
+                        self.start_promote(1 - last, false, Why::Manager { stage: 1 })?
                     }
-                    self.announce(from);
+                    1 if both_secondary => {
+                        self.start_promote(last, true, Why::Manager { stage: 2 })?
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1201,7 +1399,16 @@ impl World<'_> {
     }
 
     fn fault_tick(&mut self) -> Res {
+        for i in 0..2 {
+            if self.nodes[i].up {
+                self.feed(i, Event::Tick)?;
+            }
+        }
         if !self.faults_on {
+            // Keep ticking while an engine has timed work (epochs, state changes).
+            if self.nodes.iter().any(|n| n.up && n.engine.wants_tick()) {
+                self.schedule(FAULT_TICK_MS, Ev::FaultTick);
+            }
             return Ok(());
         }
         self.schedule(FAULT_TICK_MS, Ev::FaultTick);
@@ -1219,12 +1426,12 @@ impl World<'_> {
         }
         if self.rng.chance(f.crash_secondary) {
             if let Some(s) = (0..2).find(|&i| self.nodes[i].up && !self.nodes[i].is_primary()) {
-                self.crash(s)?;
+                self.crash(s, false)?;
             }
         }
         if self.rng.chance(f.crash_primary) {
             if let Some(p) = self.primary() {
-                self.crash(p)?;
+                self.crash(p, false)?;
             }
         }
         if self.rng.chance(f.slow_disk) {
@@ -1265,22 +1472,8 @@ impl World<'_> {
                     || self.nodes[i].engine.counters().unacked > 0);
             if self.nodes[i].up && self.nodes[i].engine.role() == Role::Secondary && !busy {
                 let (peer_role, _) = self.nodes[i].engine.peer();
-                match self.nodes[i].engine.promote(false) {
-                    Ok(_) => {
-                        self.note(format!(
-                            "n{i}: rogue promote succeeded (peer seen as {peer_role})"
-                        ));
-                        if peer_role == Role::Primary {
-                            return Err(self.violation(
-                                Invariant::SinglePrimary,
-                                format!(
-                                    "n{i}: promote() succeeded while the peer is known Primary"
-                                ),
-                            ));
-                        }
-                        self.announce(i);
-                    }
-                    Err(e) => self.note(format!("n{i}: rogue promote refused: {e}")),
+                if self.nodes[i].promoting.is_none() {
+                    self.start_promote(i, false, Why::Rogue { peer_role })?;
                 }
             }
         }
@@ -1310,20 +1503,13 @@ impl World<'_> {
         {
             return;
         }
-        let order = [self.last_primary, 1 - self.last_primary];
-        for i in order {
-            if self.nodes[i].engine.promote(false).is_ok() {
-                self.note(format!("n{i}: promoted by the cluster manager"));
-                self.announce(i);
-                return;
-            }
+        if self.nodes.iter().any(|n| n.promoting.is_some()) {
+            return;
         }
-        let i = self.last_primary;
-        match self.nodes[i].engine.promote(true) {
-            Ok(_) => self.note(format!("n{i}: force-promoted by the cluster manager")),
-            Err(e) => self.note(format!("n{i}: forced promote refused: {e}")),
+        let last = self.last_primary;
+        if let Err(v) = self.start_promote(last, false, Why::Manager { stage: 0 }) {
+            self.pending_violation.get_or_insert(v);
         }
-        self.announce(i);
     }
 
     // ----- invariants --------------------------------------------------------------

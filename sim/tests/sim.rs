@@ -101,7 +101,7 @@ fn replaying_a_seed_gives_the_identical_outcome() {
     assert_ne!(run_seed(1, &o).unwrap(), run_seed(2, &o).unwrap());
 }
 
-// ----- known engine bugs: each seed fails today; remove `ignore` once fixed --------
+// ----- engine bugs found by the simulator: each seed failed before its fix ----------
 
 fn full(protocol: Protocol, faults: FaultRates, avoid_known_bugs: bool) -> SimOptions {
     SimOptions {
@@ -127,7 +127,8 @@ fn b2_protocol_b_loses_unacknowledged_completed_writes() {
 }
 
 #[test]
-#[ignore = "engine bug B3: a Secondary power loss loses acknowledged, unflushed writes, never marked"]
+// Regression (was engine bug B3: a Secondary power loss lost acknowledged, unflushed
+// writes), fixed by the transfer log with epochs in src/engine/core.rs.
 fn b3_secondary_power_loss() {
     let faults = FaultRates {
         power_loss: 500,
@@ -147,7 +148,8 @@ fn b4_local_error_on_the_primary() {
 }
 
 #[test]
-#[ignore = "engine bug B5: the single-Primary check is local: racing promotions give two Primaries"]
+// Regression (was engine bug B5: racing promotions gave two Primaries), fixed by the
+// cluster-wide state change in src/engine/core.rs.
 fn b5_racing_promotions() {
     let o = full(Protocol::B, FaultRates::no_connection_loss(), false);
     run_seed(340, &o).unwrap();

@@ -267,7 +267,15 @@ async fn session(
         }
         return;
     }
-    volume.attach_peer(tx.clone(), role, disk);
+    // Racing state changes: the node whose name sorts first wins (both agree).
+    volume.attach_peer(
+        tx.clone(),
+        role,
+        disk,
+        settings.node_name < settings.peer_name,
+    );
+    let mut tick = tokio::time::interval(Duration::from_millis(crate::engine::EPOCH_CLOSE_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut my_oos_blocks = send_uuids_and_bitmap(volume, &tx, 0).await;
     let mut peer: Option<PeerUuids> = None;
     let mut bitmap_words_received: u64 = 0;
@@ -276,6 +284,7 @@ async fn session(
     let mut commands = link.commands.lock().await;
     loop {
         tokio::select! {
+            _ = tick.tick() => volume.tick().await,
             Some(cmd) = commands.recv() => match cmd {
                 LinkCommand::FullSyncToPeer => {
                     if resync.as_ref().is_some_and(|t| !t.is_finished()) {

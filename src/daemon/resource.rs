@@ -300,6 +300,9 @@ impl Resource {
                 cfg.peers.first().map(|p| p.name.as_str()),
             ),
         );
+        // A promotion waits for the peer's answer as long as DRBD's `timeout` (at
+        // least 1 s).
+        volume.set_replication_limits(cfg.net.max_epoch_size, cfg.net.timeout_ms.max(1000));
         tracing::info!(
             resource = name,
             "disk( Diskless -> {disk} ), size {} bytes",
@@ -450,7 +453,7 @@ impl Resource {
     pub async fn primary(&mut self, force: bool) -> Result<Vec<String>, ResourceError> {
         let mut warnings = Vec::new();
         let was = self.volume.snapshot();
-        let forced = self.volume.promote(force)?;
+        let forced = self.volume.promote(force).await?;
         if was.role != Role::Primary {
             tracing::info!(resource = self.name(), "role( {} -> Primary )", was.role);
         }
@@ -615,7 +618,7 @@ impl Resource {
             }
             self.kernel_dev = None;
         }
-        self.volume.demote()?;
+        self.volume.demote_waiting(Duration::from_secs(5)).await?;
         self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
         self.mark_not_primary();

@@ -10,8 +10,23 @@
 //! connected, `Action::SendPeer`) -> `Event::LocalDone` (+ the protocol's peer
 //! condition) -> `Action::Complete`. Writes that overlap a write still in flight wait
 //! until it completes, so overlapping writes reach every disk in the same order.
+//!
+//! It also owns the transfer log (replicated writes kept until a barrier ack proves
+//! them stable on the peer, marked out of sync if the peer is lost first; see
+//! `docs/replication.md` "Epochs") and the cluster-wide promotion (a state-change
+//! request the connected peer must grant before this node becomes Primary).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Default `max-epoch-size`: writes per epoch before a barrier closes it.
+pub const DEFAULT_MAX_EPOCH_SIZE: u32 = 2048;
+
+/// An epoch with written writes older than this is closed by the next tick (DRBD
+/// closes an epoch when its sender goes idle).
+pub const EPOCH_CLOSE_MS: u64 = 100;
+
+/// Default time a promotion waits for the peer's reply to its state-change request.
+pub const DEFAULT_STATE_CHANGE_TIMEOUT_MS: u64 = 5000;
 
 use crate::engine::state::{ConnState, DiskState, Role};
 
@@ -179,6 +194,72 @@ pub enum Event {
         /// Result of the local operation.
         result: Result<(), i32>,
     },
+    /// Time passes (the driver ticks about every [`EPOCH_CLOSE_MS`]): closes old
+    /// epochs, times out a state change waiting for the peer.
+    Tick,
+    /// The Primary closed an epoch (P_BARRIER): flush, then acknowledge it.
+    PeerBarrier {
+        /// Epoch number (echoed in the ack).
+        epoch: u32,
+    },
+    /// The local flush asked by [`Action::FlushForBarrier`] finished.
+    PeerBarrierDone {
+        /// Epoch number.
+        epoch: u32,
+        /// The token of the action (stale tokens: the connection changed).
+        token: u64,
+        /// Result of the flush.
+        result: Result<(), i32>,
+    },
+    /// The peer flushed every write it acknowledged before our barrier (P_BARRIER_ACK).
+    PeerBarrierAck {
+        /// Epoch number of the barrier.
+        epoch: u32,
+    },
+    /// The peer asks to change its role (P_STATE_CHG_REQ): `Primary` to be promoted,
+    /// `Secondary` to release an earlier grant (its promotion did not happen).
+    PeerStateChangeRequest {
+        /// The role the peer asks for.
+        role: Role,
+    },
+    /// The peer's answer to our state-change request (P_STATE_CHG_REPLY).
+    PeerStateChangeReply {
+        /// The answer.
+        reply: ChangeReply,
+    },
+}
+
+/// The answer to a state-change request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeReply {
+    /// Granted: the requester may change its role.
+    Granted,
+    /// Refused: the replying node is Primary (SS_TWO_PRIMARIES).
+    TwoPrimaries,
+    /// Refused: the replying node is changing its own state and wins the race.
+    Concurrent,
+}
+
+impl ChangeReply {
+    /// The reason text carried on the wire (empty when granted).
+    pub fn reason(self) -> &'static str {
+        match self {
+            ChangeReply::Granted => "",
+            ChangeReply::TwoPrimaries => "(-1) Multiple primaries not allowed by config",
+            ChangeReply::Concurrent => "(-19) Concurrent state changes detected and aborted",
+        }
+    }
+
+    /// The answer from a wire reply.
+    pub fn from_wire(ok: bool, reason: &str) -> ChangeReply {
+        if ok {
+            ChangeReply::Granted
+        } else if reason.starts_with("(-1)") {
+            ChangeReply::TwoPrimaries
+        } else {
+            ChangeReply::Concurrent
+        }
+    }
 }
 
 /// Output of the engine, carried out by the driver in order.
@@ -211,6 +292,53 @@ pub enum Action {
         /// Which acknowledgement.
         kind: AckKind,
     },
+    /// Send a barrier closing this epoch to the peer (P_BARRIER).
+    SendBarrier {
+        /// Epoch number.
+        epoch: u32,
+    },
+    /// Flush the local disk for the peer's barrier, then report
+    /// [`Event::PeerBarrierDone`] with the same epoch and token.
+    FlushForBarrier {
+        /// Epoch number.
+        epoch: u32,
+        /// Token to give back.
+        token: u64,
+    },
+    /// Acknowledge the peer's barrier (P_BARRIER_ACK).
+    AckBarrier {
+        /// Epoch number.
+        epoch: u32,
+        /// Peer writes this node wrote since its previous barrier ack.
+        count: u32,
+    },
+    /// Send a state-change request to the peer (P_STATE_CHG_REQ).
+    SendStateChangeRequest {
+        /// Role asked for.
+        role: Role,
+    },
+    /// Answer the peer's state-change request (P_STATE_CHG_REPLY).
+    SendStateChangeReply {
+        /// The answer.
+        reply: ChangeReply,
+    },
+    /// A promotion started by [`Engine::begin_promote`] ended (`Ok(forced)`).
+    PromoteDone {
+        /// Outcome.
+        result: Result<bool, StateChangeError>,
+    },
+    /// Send our role and disk state to the peer (after a cluster-wide change).
+    AnnounceState,
+}
+
+/// What [`Engine::begin_promote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromoteStart {
+    /// Promoted at once (no connected peer, or already Primary); `forced` as in
+    /// [`Engine::promote`].
+    Done(bool),
+    /// Asked the connected peer; [`Action::PromoteDone`] reports the outcome.
+    Asked,
 }
 
 /// A role change that the engine refused, in DRBD's words.
@@ -228,6 +356,17 @@ pub enum StateChangeError {
     /// Single-primary mode and the connected peer is Primary.
     #[error("State change failed: (-1) Multiple primaries not allowed by config (the peer is Primary; demote it first)")]
     PeerIsPrimary,
+    /// The peer is changing its state too (racing promotions): this node lost.
+    #[error("State change failed: (-19) Concurrent state changes detected and aborted")]
+    Concurrent,
+    /// The peer did not answer the state-change request in time.
+    #[error(
+        "State change failed: (-10) State change was refused by peer node (no reply within {0} ms)"
+    )]
+    NoReply(u64),
+    /// The connection was lost while waiting for the peer's answer.
+    #[error("State change failed: (-10) State change was refused by peer node (connection lost during the state change)")]
+    Interrupted,
 }
 
 /// Counters in DRBD's vocabulary (bytes, not KiB; the presentation converts).
@@ -281,6 +420,45 @@ struct PeerPending {
     submitted: bool,
 }
 
+/// Epoch tag of a transfer-log entry whose WriteAck has not arrived.
+const NOT_WRITTEN: u64 = u64::MAX;
+
+/// A completed replicated write in the transfer log.
+#[derive(Debug, Clone, Copy)]
+struct TlEntry {
+    id: ReqId,
+    offset_bytes: u64,
+    len_bytes: u64,
+    /// Epoch current when the peer's WriteAck arrived ([`NOT_WRITTEN`]: not yet).
+    epoch: u64,
+}
+
+/// A barrier sent and not yet acknowledged: an explicit one, or an application
+/// flush (its FlushAck proves the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BarrierKind {
+    Barrier(u32),
+    Flush(ReqId),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenBarrier {
+    kind: BarrierKind,
+    /// Its ack releases written entries tagged with this epoch or older.
+    epoch: u64,
+}
+
+/// This node's own cluster-wide state change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Idle,
+    /// Asked the peer for promotion; waiting for its reply until `deadline_ms`.
+    Asking {
+        force: bool,
+        deadline_ms: u64,
+    },
+}
+
 fn overlap(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
     a_off < b_off + b_len && b_off < a_off + a_len
 }
@@ -306,10 +484,38 @@ pub struct Engine {
     next_arrival: u64,
     /// Arrival numbers of peer requests waiting for an earlier one, in order.
     peer_blocked: VecDeque<u64>,
-    /// Writes completed towards the application before the peer wrote them
-    /// (protocols A and B), by id: kept until the peer's WriteAck and marked out of
-    /// sync if the peer is lost first (DRBD's transfer log).
-    transfer_log: BTreeMap<ReqId, (u64, u64)>,
+    /// Replicated writes completed towards the application and not yet proven
+    /// stable on the peer (DRBD's transfer log), in completion order: kept until
+    /// a barrier ack covers them, marked out of sync if the peer is lost first.
+    transfer_log: VecDeque<TlEntry>,
+    /// Current epoch number (never reused within this engine's life).
+    epoch: u64,
+    /// Written (WriteAck received) entries tagged with the current epoch.
+    epoch_writes: u32,
+    /// When the current epoch started.
+    epoch_start_ms: u64,
+    /// `max-epoch-size`.
+    max_epoch_size: u32,
+    /// Barriers (and flushes) sent, oldest first, awaiting their ack.
+    barriers: VecDeque<OpenBarrier>,
+    /// Incremented at each connection loss: barrier flushes of an older
+    /// connection are not acknowledged on a newer one.
+    conn_gen: u64,
+    /// Secondary: peer writes written since the last barrier ack.
+    peer_epoch_writes: u32,
+    /// Time of the last event.
+    now_ms: u64,
+    /// Our state change in progress.
+    change: Change,
+    /// State-change replies the peer still owes us (the last one answers the
+    /// current request; earlier ones answer aborted requests).
+    replies_owed: u32,
+    /// We granted the peer's promotion and have not seen it become Primary yet.
+    peer_promoting: bool,
+    /// Wins racing state changes (decided at connect, opposite on the peer).
+    conflict_winner: bool,
+    /// How long a promotion waits for the peer's reply.
+    state_change_timeout_ms: u64,
     counters: Counters,
 }
 
@@ -330,9 +536,61 @@ impl Engine {
             peer_index: HashMap::new(),
             next_arrival: 0,
             peer_blocked: VecDeque::new(),
-            transfer_log: BTreeMap::new(),
+            transfer_log: VecDeque::new(),
+            epoch: 0,
+            epoch_writes: 0,
+            epoch_start_ms: 0,
+            max_epoch_size: DEFAULT_MAX_EPOCH_SIZE,
+            barriers: VecDeque::new(),
+            conn_gen: 0,
+            peer_epoch_writes: 0,
+            now_ms: 0,
+            change: Change::Idle,
+            replies_owed: 0,
+            peer_promoting: false,
+            conflict_winner: false,
+            state_change_timeout_ms: DEFAULT_STATE_CHANGE_TIMEOUT_MS,
             counters: Counters::default(),
         }
+    }
+
+    /// Sets `max-epoch-size` (at least 1).
+    pub fn set_max_epoch_size(&mut self, writes: u32) {
+        self.max_epoch_size = writes.max(1);
+    }
+
+    /// Sets how long a promotion waits for the peer's reply.
+    pub fn set_state_change_timeout_ms(&mut self, timeout_ms: u64) {
+        self.state_change_timeout_ms = timeout_ms.max(1);
+    }
+
+    /// Whether this node wins racing state changes on the current connection; the
+    /// driver sets it before [`Event::PeerConnected`], opposite on the two nodes.
+    pub fn set_conflict_winner(&mut self, winner: bool) {
+        self.conflict_winner = winner;
+    }
+
+    /// Entries in the transfer log (completed writes not yet known stable on the peer).
+    pub fn transfer_log_len(&self) -> usize {
+        self.transfer_log.len()
+    }
+
+    /// Completed writes whose WriteAck has not arrived (protocols A and B).
+    pub fn writes_awaiting_peer(&self) -> usize {
+        self.transfer_log
+            .iter()
+            .filter(|e| e.epoch == NOT_WRITTEN)
+            .count()
+    }
+
+    /// Whether [`Event::Tick`] has something to do (an open epoch, a state change).
+    pub fn wants_tick(&self) -> bool {
+        self.epoch_writes > 0 || self.change != Change::Idle
+    }
+
+    /// Whether our promotion waits for the peer's answer.
+    pub fn promotion_pending(&self) -> bool {
+        self.change != Change::Idle
     }
 
     /// Size of the device in bytes.
@@ -433,32 +691,149 @@ impl Engine {
         }
     }
 
-    /// Promotes this node. With `force`, Inconsistent or Outdated data becomes
-    /// UpToDate (DRBD's `primary --force`). Returns whether the data was forced.
+    /// Promotes this node locally. With `force`, Inconsistent or Outdated data
+    /// becomes UpToDate (DRBD's `primary --force`). Returns whether the data was
+    /// forced. While a peer is connected, use [`Engine::begin_promote`]: this only
+    /// checks what this node knows (the peer's last announced role).
     pub fn promote(&mut self, force: bool) -> Result<bool, StateChangeError> {
+        self.check_promote(force)?;
+        if self.conn.is_connected() && (self.peer_promoting || self.change != Change::Idle) {
+            return Err(StateChangeError::Concurrent);
+        }
+        Ok(self.apply_promote(force))
+    }
+
+    /// The local preconditions of a promotion.
+    fn check_promote(&self, force: bool) -> Result<(), StateChangeError> {
         if self.conn.is_connected() && self.peer_role == Role::Primary {
             return Err(StateChangeError::PeerIsPrimary);
         }
         match self.disk {
             DiskState::Diskless | DiskState::Attaching => Err(StateChangeError::Diskless),
-            DiskState::UpToDate => {
-                self.role = Role::Primary;
-                Ok(false)
-            }
+            DiskState::UpToDate => Ok(()),
+            _ if force => Ok(()),
+            // A Consistent disk without a peer to compare with may be promoted: the
+            // administrator knows it is the survivor (DRBD's degraded start).
+            DiskState::Consistent if !self.conn.is_connected() => Ok(()),
+            other => Err(StateChangeError::NeedUpToDate(other)),
+        }
+    }
+
+    /// Becomes Primary; the caller checked [`Engine::check_promote`].
+    fn apply_promote(&mut self, force: bool) -> bool {
+        self.role = Role::Primary;
+        match self.disk {
+            DiskState::UpToDate => false,
             other if force => {
                 tracing::info!("disk( {other} -> UpToDate ) by primary --force");
                 self.disk = DiskState::UpToDate;
-                self.role = Role::Primary;
-                Ok(true)
+                true
             }
-            // A Consistent disk without a peer to compare with may be promoted: the
-            // administrator knows it is the survivor (DRBD's degraded start).
-            DiskState::Consistent if !self.conn.is_connected() => {
+            _ => {
                 self.disk = DiskState::UpToDate;
-                self.role = Role::Primary;
-                Ok(false)
+                false
             }
-            other => Err(StateChangeError::NeedUpToDate(other)),
+        }
+    }
+
+    /// Starts a promotion. Without a connected peer (or when already Primary) it
+    /// happens at once; with one, the peer is asked first (DRBD's cluster-wide state
+    /// change) and [`Action::PromoteDone`] reports the outcome: the peer refuses if
+    /// it is Primary or is promoting itself (racing requests: the conflict winner's
+    /// goes through, the other fails), and no reply within the timeout fails it.
+    pub fn begin_promote(
+        &mut self,
+        now_ms: u64,
+        force: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<PromoteStart, StateChangeError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if self.role == Role::Primary && self.disk == DiskState::UpToDate {
+            return Ok(PromoteStart::Done(false));
+        }
+        self.check_promote(force)?;
+        if !self.conn.is_connected() {
+            return Ok(PromoteStart::Done(self.apply_promote(force)));
+        }
+        if self.peer_promoting || self.change != Change::Idle {
+            return Err(StateChangeError::Concurrent);
+        }
+        self.change = Change::Asking {
+            force,
+            deadline_ms: self.now_ms + self.state_change_timeout_ms,
+        };
+        self.replies_owed += 1;
+        out.push(Action::SendStateChangeRequest {
+            role: Role::Primary,
+        });
+        Ok(PromoteStart::Asked)
+    }
+
+    /// Our promotion ended without the peer's grant being used: report it and
+    /// release the grant the peer may have given.
+    fn fail_promotion(&mut self, error: StateChangeError, out: &mut Vec<Action>) {
+        self.change = Change::Idle;
+        out.push(Action::PromoteDone { result: Err(error) });
+        if self.conn.is_connected() {
+            self.replies_owed += 1;
+            out.push(Action::SendStateChangeRequest {
+                role: Role::Secondary,
+            });
+        }
+    }
+
+    fn on_state_change_request(&mut self, role: Role, out: &mut Vec<Action>) {
+        if role != Role::Primary {
+            // The peer's promotion did not happen: forget our grant.
+            self.peer_promoting = false;
+            out.push(Action::SendStateChangeReply {
+                reply: ChangeReply::Granted,
+            });
+            return;
+        }
+        let reply = if self.role == Role::Primary {
+            ChangeReply::TwoPrimaries
+        } else if self.change != Change::Idle && self.conflict_winner {
+            ChangeReply::Concurrent
+        } else {
+            if self.change != Change::Idle {
+                tracing::info!("concurrent promotions: the peer wins, ours is aborted");
+                self.fail_promotion(StateChangeError::Concurrent, out);
+            }
+            self.peer_promoting = true;
+            ChangeReply::Granted
+        };
+        out.push(Action::SendStateChangeReply { reply });
+    }
+
+    fn on_state_change_reply(&mut self, reply: ChangeReply, out: &mut Vec<Action>) {
+        if self.replies_owed == 0 {
+            tracing::warn!(?reply, "state-change reply without a request");
+            return;
+        }
+        self.replies_owed -= 1;
+        if self.replies_owed > 0 {
+            return; // answers an aborted request
+        }
+        let Change::Asking { force, .. } = self.change else {
+            return;
+        };
+        self.change = Change::Idle;
+        match reply {
+            ChangeReply::Granted => {
+                let result = self
+                    .check_promote(force)
+                    .map(|()| self.apply_promote(force));
+                match result {
+                    Ok(forced) => {
+                        out.push(Action::PromoteDone { result: Ok(forced) });
+                        out.push(Action::AnnounceState);
+                    }
+                    Err(e) => self.fail_promotion(e, out),
+                }
+            }
+            ChangeReply::TwoPrimaries => self.fail_promotion(StateChangeError::PeerIsPrimary, out),
+            ChangeReply::Concurrent => self.fail_promotion(StateChangeError::Concurrent, out),
         }
     }
 
@@ -475,12 +850,21 @@ impl Engine {
                 "{app} requests in flight"
             )));
         }
+        // As DRBD waits for ap_pending: writes the peer has not acknowledged yet
+        // (protocols A and B) would be lost with this node if it crashed as Secondary.
+        let unacked = self.writes_awaiting_peer();
+        if unacked > 0 && self.conn.is_connected() {
+            return Err(StateChangeError::HeldOpen(format!(
+                "{unacked} writes awaiting the peer's acknowledgement"
+            )));
+        }
         self.role = Role::Secondary;
         Ok(())
     }
 
     /// Feeds one event; actions are appended to `out` in the order to carry out.
-    pub fn handle(&mut self, _now_ms: u64, event: Event, out: &mut Vec<Action>) {
+    pub fn handle(&mut self, now_ms: u64, event: Event, out: &mut Vec<Action>) {
+        self.now_ms = self.now_ms.max(now_ms);
         match event {
             Event::Request {
                 id,
@@ -530,6 +914,10 @@ impl Engine {
             Event::PeerState { role, disk } => {
                 self.peer_role = role;
                 self.peer_disk = disk;
+                if role == Role::Primary {
+                    // The promotion we granted happened: peer_role refuses ours now.
+                    self.peer_promoting = false;
+                }
             }
             Event::PeerLost => self.lose_peer(ConnState::Connecting, out),
             Event::Disconnect => self.lose_peer(ConnState::StandAlone, out),
@@ -539,21 +927,44 @@ impl Engine {
                 }
             }
             Event::PeerProgressed { id, progress } => {
+                if progress == PeerProgress::Written && !self.barriers.is_empty() {
+                    self.barrier_acked(BarrierKind::Flush(id));
+                }
                 if let Some(p) = self.pending.get_mut(&id) {
                     if p.peer_needed && progress > p.peer {
                         p.peer = progress;
                         self.try_complete(id, out);
                     }
                 } else if progress == PeerProgress::Written {
-                    self.transfer_log.remove(&id);
+                    // Completed before the WriteAck (protocols A and B): written on
+                    // the peer now, stable once a barrier covers this epoch.
+                    if let Some(e) = self
+                        .transfer_log
+                        .iter_mut()
+                        .rev()
+                        .find(|e| e.id == id && e.epoch == NOT_WRITTEN)
+                    {
+                        e.epoch = self.epoch;
+                        self.note_written(out);
+                    }
                 }
             }
             Event::PeerFailed { id } => {
-                if let Some((offset_bytes, len_bytes)) = self.transfer_log.remove(&id) {
-                    out.push(Action::MarkOutOfSync {
-                        offset_bytes,
-                        len_bytes,
-                    });
+                if let Some(b) = self
+                    .barriers
+                    .iter()
+                    .position(|b| b.kind == BarrierKind::Flush(id))
+                {
+                    // The peer's flush failed: it proves nothing.
+                    self.barriers.remove(b);
+                }
+                if let Some(i) = self.transfer_log.iter().rposition(|e| e.id == id) {
+                    if let Some(e) = self.transfer_log.remove(i) {
+                        out.push(Action::MarkOutOfSync {
+                            offset_bytes: e.offset_bytes,
+                            len_bytes: e.len_bytes,
+                        });
+                    }
                 }
                 if let Some(p) = self.pending.get_mut(&id) {
                     if p.peer_needed && p.peer < PeerProgress::Written {
@@ -594,6 +1005,7 @@ impl Engine {
                     Ok(()) => {
                         if p.kind.is_write() {
                             self.counters.disk_written_bytes += p.len_bytes;
+                            self.peer_epoch_writes = self.peer_epoch_writes.saturating_add(1);
                         }
                         AckKind::Write
                     }
@@ -605,6 +1017,51 @@ impl Engine {
                     self.release_blocked(out);
                 }
             }
+            Event::Tick => {
+                if let Change::Asking { deadline_ms, .. } = self.change {
+                    if self.now_ms >= deadline_ms {
+                        tracing::warn!("no reply to our state-change request");
+                        let timeout_ms = self.state_change_timeout_ms;
+                        self.fail_promotion(StateChangeError::NoReply(timeout_ms), out);
+                    }
+                }
+                if self.epoch_writes > 0 && self.now_ms >= self.epoch_start_ms + EPOCH_CLOSE_MS {
+                    self.close_epoch(out);
+                }
+            }
+            Event::PeerBarrier { epoch } => {
+                // Every write whose WriteAck we sent is complete: a flush started
+                // now makes them all stable.
+                self.counters.local_pending += 1;
+                out.push(Action::FlushForBarrier {
+                    epoch,
+                    token: self.conn_gen,
+                });
+            }
+            Event::PeerBarrierDone {
+                epoch,
+                token,
+                result,
+            } => {
+                self.counters.local_pending -= 1;
+                match result {
+                    Ok(()) if token == self.conn_gen => {
+                        out.push(Action::AckBarrier {
+                            epoch,
+                            count: std::mem::take(&mut self.peer_epoch_writes),
+                        });
+                    }
+                    Ok(()) => {}
+                    // No ack: the Primary keeps the epoch's writes and marks them
+                    // out of sync when the connection goes.
+                    Err(errno) => {
+                        tracing::error!(epoch, errno, "flush for the peer's barrier failed")
+                    }
+                }
+            }
+            Event::PeerBarrierAck { epoch } => self.barrier_acked(BarrierKind::Barrier(epoch)),
+            Event::PeerStateChangeRequest { role } => self.on_state_change_request(role, out),
+            Event::PeerStateChangeReply { reply } => self.on_state_change_reply(reply, out),
         }
         debug_assert_eq!(self.counters.app_pending, self.pending.len() as u64);
         debug_assert_eq!(self.counters.unacked, self.peer_reqs.len() as u64);
@@ -694,7 +1151,17 @@ impl Engine {
             if p.kind == ReqKind::Write {
                 self.counters.net_sent_bytes += p.len_bytes;
             }
+            let flush = p.kind == ReqKind::Flush;
             out.push(Action::SendPeer(id));
+            if flush {
+                // The peer's FlushAck proves every write it acknowledged before
+                // receiving the flush stable: an application flush closes the epoch.
+                self.barriers.push_back(OpenBarrier {
+                    kind: BarrierKind::Flush(id),
+                    epoch: self.epoch,
+                });
+                self.next_epoch();
+            }
         } else if p.kind.is_write() {
             out.push(Action::MarkOutOfSync {
                 offset_bytes: p.offset_bytes,
@@ -728,10 +1195,17 @@ impl Engine {
         } else {
             local
         };
+        let mut written = false;
         if p.peer_needed {
             self.counters.peer_pending -= 1;
-            if p.kind.is_write() && p.peer < PeerProgress::Written {
-                self.transfer_log.insert(id, (p.offset_bytes, p.len_bytes));
+            if p.kind.is_write() && self.conn.is_connected() {
+                written = p.peer >= PeerProgress::Written;
+                self.transfer_log.push_back(TlEntry {
+                    id,
+                    offset_bytes: p.offset_bytes,
+                    len_bytes: p.len_bytes,
+                    epoch: if written { self.epoch } else { NOT_WRITTEN },
+                });
             }
         }
         self.counters.app_pending -= 1;
@@ -739,9 +1213,57 @@ impl Engine {
             id,
             result: local.map_err(Refusal::LocalError),
         });
+        if written {
+            self.note_written(out);
+        }
         if p.kind.excludes_writes() && !self.blocked.is_empty() {
             self.release_blocked(out);
         }
+    }
+
+    /// A transfer-log entry was tagged with the current epoch: close the epoch
+    /// once it holds `max-epoch-size` written writes.
+    fn note_written(&mut self, out: &mut Vec<Action>) {
+        if self.epoch_writes == 0 {
+            self.epoch_start_ms = self.now_ms;
+        }
+        self.epoch_writes += 1;
+        if self.epoch_writes >= self.max_epoch_size {
+            self.close_epoch(out);
+        }
+    }
+
+    /// Sends a barrier for the current epoch (if it holds written writes).
+    fn close_epoch(&mut self, out: &mut Vec<Action>) {
+        if self.epoch_writes == 0 || !self.conn.is_connected() {
+            return;
+        }
+        let epoch = self.epoch as u32; // the wire carries the low 32 bits
+        self.barriers.push_back(OpenBarrier {
+            kind: BarrierKind::Barrier(epoch),
+            epoch: self.epoch,
+        });
+        out.push(Action::SendBarrier { epoch });
+        self.next_epoch();
+    }
+
+    fn next_epoch(&mut self) {
+        self.epoch += 1;
+        self.epoch_writes = 0;
+        self.epoch_start_ms = self.now_ms;
+    }
+
+    /// A barrier (or flush) was acknowledged: the written entries of its epoch and
+    /// older ones are stable on the peer and leave the transfer log.
+    fn barrier_acked(&mut self, kind: BarrierKind) {
+        let Some(i) = self.barriers.iter().position(|b| b.kind == kind) else {
+            return;
+        };
+        let upto = self.barriers[i].epoch;
+        // Older barriers are covered by this one.
+        self.barriers.drain(..=i);
+        self.transfer_log
+            .retain(|e| e.epoch == NOT_WRITTEN || e.epoch > upto);
     }
 
     /// The peer is gone: every write it may miss is marked out of sync before its
@@ -762,11 +1284,35 @@ impl Engine {
         }
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::DUnknown;
-        for (_, (offset_bytes, len_bytes)) in std::mem::take(&mut self.transfer_log) {
+        // Every write not covered by a barrier ack may be missing on the peer (its
+        // volatile cache may be gone): the resync repairs it.
+        for e in self.transfer_log.drain(..) {
             out.push(Action::MarkOutOfSync {
-                offset_bytes,
-                len_bytes,
+                offset_bytes: e.offset_bytes,
+                len_bytes: e.len_bytes,
             });
+        }
+        self.barriers.clear();
+        self.next_epoch();
+        self.conn_gen += 1;
+        self.peer_epoch_writes = 0;
+        self.peer_promoting = false;
+        self.replies_owed = 0;
+        if self.change != Change::Idle {
+            self.change = Change::Idle;
+            out.push(Action::PromoteDone {
+                result: Err(StateChangeError::Interrupted),
+            });
+        }
+        // Writes still in flight that the peer acknowledged are not proven stable
+        // there either (no barrier ack yet): marked too.
+        for p in self.pending.values() {
+            if p.peer_needed && p.peer >= PeerProgress::Written && p.kind.is_write() {
+                out.push(Action::MarkOutOfSync {
+                    offset_bytes: p.offset_bytes,
+                    len_bytes: p.len_bytes,
+                });
+            }
         }
         let waiting: Vec<ReqId> = self
             .pending
@@ -1174,10 +1720,15 @@ mod tests {
         );
         out.clear();
         e.handle(0, Event::PeerLost, &mut out);
-        // 1: marked then completed; 2: marked, completes when its local write is done.
+        // 2 (written on the peer, not yet covered by a barrier ack): marked, completes
+        // when its local write is done; 1: marked then completed.
         assert_eq!(
             out,
             vec![
+                Action::MarkOutOfSync {
+                    offset_bytes: 65536,
+                    len_bytes: 512
+                },
                 Action::MarkOutOfSync {
                     offset_bytes: 8192,
                     len_bytes: 4096
@@ -1398,5 +1949,300 @@ mod tests {
         );
         assert!(completes(&out, 1));
         assert!(e.demote().is_ok());
+    }
+
+    fn ack_written(e: &mut Engine, id: ReqId, out: &mut Vec<Action>) {
+        e.handle(0, Event::LocalDone { id, result: Ok(()) }, out);
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id,
+                progress: PeerProgress::Written,
+            },
+            out,
+        );
+    }
+
+    fn marks(out: &[Action]) -> usize {
+        out.iter()
+            .filter(|a| matches!(a, Action::MarkOutOfSync { .. }))
+            .count()
+    }
+
+    #[test]
+    fn written_writes_stay_in_the_transfer_log_until_a_barrier_ack() {
+        let mut e = connected(Protocol::C);
+        e.set_max_epoch_size(2);
+        let mut out = Vec::new();
+        e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
+        ack_written(&mut e, 1, &mut out);
+        assert!(completes(&out, 1));
+        assert_eq!(e.transfer_log_len(), 1);
+        out.clear();
+        // The second written write fills the epoch: a barrier closes it.
+        e.handle(0, req(2, ReqKind::Write, 8192, 4096), &mut out);
+        ack_written(&mut e, 2, &mut out);
+        assert!(out.contains(&Action::SendBarrier { epoch: 0 }), "{out:?}");
+        // A write acknowledged after the barrier belongs to the next epoch.
+        e.handle(0, req(3, ReqKind::Write, 16384, 4096), &mut out);
+        ack_written(&mut e, 3, &mut out);
+        assert_eq!(e.transfer_log_len(), 3);
+        e.handle(0, Event::PeerBarrierAck { epoch: 0 }, &mut out);
+        assert_eq!(e.transfer_log_len(), 1);
+        // A stale or unknown barrier ack releases nothing.
+        e.handle(0, Event::PeerBarrierAck { epoch: 7 }, &mut out);
+        assert_eq!(e.transfer_log_len(), 1);
+        out.clear();
+        e.handle(0, Event::PeerLost, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::MarkOutOfSync {
+                offset_bytes: 16384,
+                len_bytes: 4096
+            }]
+        );
+        assert_eq!(e.transfer_log_len(), 0);
+    }
+
+    #[test]
+    fn an_application_flush_and_the_tick_close_epochs() {
+        let mut e = connected(Protocol::A);
+        let mut out = Vec::new();
+        e.handle(0, req(1, ReqKind::Write, 0, 4096), &mut out);
+        e.handle(
+            0,
+            Event::LocalDone {
+                id: 1,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        assert!(
+            completes(&out, 1),
+            "protocol A completes before the WriteAck"
+        );
+        // The flush goes out before the WriteAck of 1 arrived: it cannot cover 1.
+        e.handle(0, req(2, ReqKind::Flush, 0, 0), &mut out);
+        e.handle(
+            0,
+            Event::PeerProgressed {
+                id: 1,
+                progress: PeerProgress::Written,
+            },
+            &mut out,
+        );
+        ack_written(&mut e, 2, &mut out);
+        assert_eq!(e.transfer_log_len(), 1);
+        // The tick closes the epoch holding 1 once it is old enough.
+        out.clear();
+        e.handle(EPOCH_CLOSE_MS - 1, Event::Tick, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        e.handle(EPOCH_CLOSE_MS + 1, Event::Tick, &mut out);
+        assert_eq!(out, vec![Action::SendBarrier { epoch: 1 }]);
+        e.handle(0, Event::PeerBarrierAck { epoch: 1 }, &mut out);
+        assert_eq!(e.transfer_log_len(), 0);
+        out.clear();
+        e.handle(0, Event::PeerLost, &mut out);
+        assert_eq!(marks(&out), 0);
+    }
+
+    #[test]
+    fn a_secondary_acks_a_barrier_after_its_flush_on_the_same_connection_only() {
+        let mut e = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut out = Vec::new();
+        let up = Event::PeerConnected {
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+        };
+        e.handle(0, up.clone(), &mut out);
+        e.handle(0, Event::PeerBarrier { epoch: 4 }, &mut out);
+        assert_eq!(out, vec![Action::FlushForBarrier { epoch: 4, token: 0 }]);
+        assert_eq!(e.counters().local_pending, 1);
+        out.clear();
+        let done = |token| Event::PeerBarrierDone {
+            epoch: 4,
+            token,
+            result: Ok(()),
+        };
+        e.handle(0, done(0), &mut out);
+        assert_eq!(out, vec![Action::AckBarrier { epoch: 4, count: 0 }]);
+        out.clear();
+        e.handle(0, Event::PeerBarrier { epoch: 5 }, &mut out);
+        e.handle(0, Event::PeerLost, &mut out);
+        e.handle(0, up, &mut out);
+        out.clear();
+        e.handle(0, done(0), &mut out);
+        assert!(
+            out.is_empty(),
+            "a flush of the old connection acks nothing: {out:?}"
+        );
+        assert_eq!(e.counters().local_pending, 0);
+    }
+
+    fn secondary_pair() -> (Engine, Engine) {
+        let mut a = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut b = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        a.set_conflict_winner(true);
+        let mut out = Vec::new();
+        for e in [&mut a, &mut b] {
+            e.handle(
+                0,
+                Event::PeerConnected {
+                    role: Role::Secondary,
+                    disk: DiskState::UpToDate,
+                },
+                &mut out,
+            );
+        }
+        (a, b)
+    }
+
+    /// Delivers `from`'s state-change frames in `out` to `to`; returns `to`'s actions.
+    fn deliver(to: &mut Engine, out: &[Action]) -> Vec<Action> {
+        let mut back = Vec::new();
+        for a in out {
+            let ev = match a {
+                Action::SendStateChangeRequest { role } => {
+                    Event::PeerStateChangeRequest { role: *role }
+                }
+                Action::SendStateChangeReply { reply } => {
+                    Event::PeerStateChangeReply { reply: *reply }
+                }
+                _ => continue,
+            };
+            to.handle(0, ev, &mut back);
+        }
+        back
+    }
+
+    #[test]
+    fn promotion_while_connected_waits_for_the_peer() {
+        let (mut a, mut b) = secondary_pair();
+        let mut out = Vec::new();
+        assert_eq!(a.begin_promote(0, false, &mut out), Ok(PromoteStart::Asked));
+        assert_eq!(a.role(), Role::Secondary);
+        let reply = deliver(&mut b, &out);
+        assert_eq!(
+            reply,
+            vec![Action::SendStateChangeReply {
+                reply: ChangeReply::Granted
+            }]
+        );
+        // Granted: b refuses its own promotion until it sees a Primary.
+        assert_eq!(
+            b.begin_promote(0, false, &mut Vec::new()),
+            Err(StateChangeError::Concurrent)
+        );
+        let done = deliver(&mut a, &reply);
+        assert_eq!(
+            done,
+            vec![
+                Action::PromoteDone { result: Ok(false) },
+                Action::AnnounceState
+            ]
+        );
+        assert_eq!(a.role(), Role::Primary);
+        // A Primary refuses the peer's request.
+        let mut out = Vec::new();
+        b.handle(
+            0,
+            Event::PeerState {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            b.begin_promote(0, false, &mut out),
+            Err(StateChangeError::PeerIsPrimary)
+        );
+        let back = deliver(
+            &mut a,
+            &[Action::SendStateChangeRequest {
+                role: Role::Primary,
+            }],
+        );
+        assert_eq!(
+            back,
+            vec![Action::SendStateChangeReply {
+                reply: ChangeReply::TwoPrimaries
+            }]
+        );
+    }
+
+    #[test]
+    fn racing_promotions_let_exactly_one_node_win() {
+        let (mut a, mut b) = secondary_pair();
+        let (mut qa, mut qb) = (Vec::new(), Vec::new());
+        assert_eq!(a.begin_promote(0, false, &mut qa), Ok(PromoteStart::Asked));
+        assert_eq!(b.begin_promote(0, false, &mut qb), Ok(PromoteStart::Asked));
+        // Both requests cross on the wire.
+        let from_b = deliver(&mut b, &qa); // b loses: aborts its own, grants a's
+        let from_a = deliver(&mut a, &qb); // a wins: refuses b's
+        assert!(from_b.contains(&Action::PromoteDone {
+            result: Err(StateChangeError::Concurrent)
+        }));
+        assert!(from_a.contains(&Action::SendStateChangeReply {
+            reply: ChangeReply::Concurrent
+        }));
+        let a_done = deliver(&mut a, &from_b);
+        let _ = deliver(&mut b, &from_a);
+        assert!(a_done.contains(&Action::PromoteDone { result: Ok(false) }));
+        assert_eq!(a.role(), Role::Primary);
+        assert_eq!(b.role(), Role::Secondary);
+    }
+
+    #[test]
+    fn a_promotion_without_reply_times_out_and_one_interrupted_by_a_loss_fails() {
+        let (mut a, _) = secondary_pair();
+        a.set_state_change_timeout_ms(500);
+        let mut out = Vec::new();
+        assert_eq!(
+            a.begin_promote(10, false, &mut out),
+            Ok(PromoteStart::Asked)
+        );
+        out.clear();
+        a.handle(400, Event::Tick, &mut out);
+        assert!(out.is_empty());
+        a.handle(510, Event::Tick, &mut out);
+        assert_eq!(
+            out[0],
+            Action::PromoteDone {
+                result: Err(StateChangeError::NoReply(500))
+            }
+        );
+        assert_eq!(a.role(), Role::Secondary);
+        // A late grant of the timed-out request is ignored; the release was sent.
+        assert!(out.contains(&Action::SendStateChangeRequest {
+            role: Role::Secondary
+        }));
+        out.clear();
+        a.handle(
+            600,
+            Event::PeerStateChangeReply {
+                reply: ChangeReply::Granted,
+            },
+            &mut out,
+        );
+        a.handle(
+            600,
+            Event::PeerStateChangeReply {
+                reply: ChangeReply::Granted,
+            },
+            &mut out,
+        );
+        assert_eq!(a.role(), Role::Secondary);
+        assert_eq!(
+            a.begin_promote(700, false, &mut out),
+            Ok(PromoteStart::Asked)
+        );
+        out.clear();
+        a.handle(710, Event::PeerLost, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::PromoteDone {
+                result: Err(StateChangeError::Interrupted)
+            }]
+        );
     }
 }

@@ -14,6 +14,6 @@ pub mod state;
 pub mod sync;
 pub mod volume;
 
-pub use self::core::{Counters, StateChangeError};
+pub use self::core::{Counters, StateChangeError, EPOCH_CLOSE_MS};
 pub use self::state::{ConnState, DiskState, Role};
 pub use self::volume::{Volume, VolumeSnapshot};

@@ -30,7 +30,8 @@ use tokio::sync::oneshot;
 
 use crate::engine::activity::{AlGate, AlHold};
 use crate::engine::core::{
-    AckKind, Action, Counters, Engine, Event, PeerProgress, Protocol, Refusal, ReqId, ReqKind,
+    AckKind, Action, ChangeReply, Counters, Engine, Event, PeerProgress, PromoteStart, Protocol,
+    Refusal, ReqId, ReqKind,
 };
 use crate::engine::state::{ConnState, DiskState, Role};
 use crate::engine::sync::SyncView;
@@ -111,6 +112,8 @@ struct Inner {
     peer_verifying: bool,
     /// Bitmap pages written since `up` (counter `bm`).
     bm_pages_written: u64,
+    /// `Volume::promote` waiting for the peer's answer.
+    promote_waiter: Option<oneshot::Sender<Result<bool, StateChangeError>>>,
 }
 
 /// Online verify as run by this node.
@@ -178,6 +181,14 @@ enum Deferred {
     /// will never answer it, so it is failed towards the peer (marked out of sync).
     SendRequest(Arc<dyn PeerTx>, Frame<Bytes>, ReqId),
     SubmitPeer(u64),
+    /// Flush the local disk for the peer's barrier (a task of its own: later peer
+    /// writes do not wait for it).
+    BarrierFlush {
+        epoch: u32,
+        token: u64,
+    },
+    /// Our promotion ended: wake `Volume::promote` (after the frames before it).
+    PromoteDone(Result<bool, StateChangeError>),
 }
 
 /// A snapshot of a volume's state for `status`.
@@ -320,6 +331,7 @@ impl Volume {
                 verify: None,
                 peer_verifying: false,
                 bm_pages_written: 0,
+                promote_waiter: None,
             }),
             al,
             md: meta.md,
@@ -348,12 +360,48 @@ impl Volume {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Promotes this node (see [`Engine::promote`]); returns whether data was forced.
-    /// A forced promotion, or one without a connected peer, starts a new data
-    /// generation (new current UUID), as DRBD does.
-    pub fn promote(&self, force: bool) -> Result<bool, StateChangeError> {
-        let mut g = self.lock();
-        let forced = g.engine.promote(force)?;
+    /// Promotes this node (see [`Engine::begin_promote`]); returns whether data was
+    /// forced. With a connected peer, the peer is asked first and this waits for its
+    /// answer. A forced promotion, or one without a connected peer, starts a new
+    /// data generation (new current UUID), as DRBD does. The caller persists the
+    /// superblock (the keeper is not woken: its write could race the caller's).
+    pub async fn promote(&self, force: bool) -> Result<bool, StateChangeError> {
+        let (started, deferred, rx) = {
+            let mut g = self.lock();
+            let mut actions = Vec::new();
+            let started = g.engine.begin_promote(self.now_ms(), force, &mut actions)?;
+            let rx = match started {
+                PromoteStart::Done(forced) => {
+                    self.promoted(&mut g, forced);
+                    None
+                }
+                PromoteStart::Asked => {
+                    let (tx, rx) = oneshot::channel();
+                    g.promote_waiter = Some(tx);
+                    Some(rx)
+                }
+            };
+            let deferred = self.run_actions(&mut g, &mut actions);
+            (started, deferred, rx)
+        };
+        self.send_all(deferred).await;
+        let result = match (started, rx) {
+            // The engine answers within its timeout (ticks) or at the connection's
+            // loss; the outer bound only guards against a link task gone.
+            (_, Some(rx)) => {
+                match tokio::time::timeout(std::time::Duration::from_secs(60), rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) | Err(_) => Err(StateChangeError::Interrupted),
+                }
+            }
+            (PromoteStart::Done(forced), None) => Ok(forced),
+            (PromoteStart::Asked, None) => Err(StateChangeError::Interrupted),
+        };
+        result
+    }
+
+    /// The engine made us Primary: a new data generation if needed.
+    fn promoted(&self, g: &mut Inner, forced: bool) {
         if forced || !g.engine.conn().is_connected() {
             let old = g.uuids;
             g.uuids.new_current();
@@ -366,9 +414,46 @@ impl Volume {
             );
         }
         g.uuids.current |= 1;
-        drop(g);
-        self.meta_changed.notify_one();
-        Ok(forced)
+    }
+
+    /// Sets `max-epoch-size` and how long a promotion waits for the peer's answer.
+    pub fn set_replication_limits(&self, max_epoch_size: u32, state_change_timeout_ms: u64) {
+        let mut g = self.lock();
+        g.engine.set_max_epoch_size(max_epoch_size);
+        g.engine
+            .set_state_change_timeout_ms(state_change_timeout_ms);
+    }
+
+    /// Periodic work of the engine (epochs, state-change timeout); the link calls
+    /// it about every 100 ms while connected.
+    pub async fn tick(&self) {
+        let deferred = self.step(&mut self.lock(), Event::Tick);
+        self.send_all(deferred).await;
+    }
+
+    /// Entries in the transfer log (for tests and status).
+    pub fn transfer_log_len(&self) -> usize {
+        self.lock().engine.transfer_log_len()
+    }
+
+    /// Demotes this node, waiting up to `timeout` for the peer to acknowledge the
+    /// writes it has not acknowledged yet (protocols A and B; DRBD waits the same way).
+    pub async fn demote_waiting(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<(), StateChangeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.demote() {
+                Err(StateChangeError::HeldOpen(_))
+                    if self.lock().engine.writes_awaiting_peer() > 0
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Demotes this node.
@@ -858,9 +943,18 @@ impl Volume {
     }
 
     /// The peer is connected: frames go to `tx` from now on.
-    pub fn attach_peer(&self, tx: Arc<dyn PeerTx>, role: Role, disk: DiskState) {
+    /// `conflict_winner`: this node wins racing state changes on this connection
+    /// (the opposite on the peer).
+    pub fn attach_peer(
+        &self,
+        tx: Arc<dyn PeerTx>,
+        role: Role,
+        disk: DiskState,
+        conflict_winner: bool,
+    ) {
         let mut g = self.lock();
         g.peer_tx = Some(tx);
+        g.engine.set_conflict_winner(conflict_winner);
         let deferred = self.step(&mut g, Event::PeerConnected { role, disk });
         drop(g);
         self.meta_changed.notify_one();
@@ -1224,6 +1318,14 @@ impl Volume {
                 }
                 return;
             }
+            Frame::Barrier { epoch } => Event::PeerBarrier { epoch },
+            Frame::BarrierAck { epoch, .. } => Event::PeerBarrierAck { epoch },
+            Frame::StateChangeRequest { role, .. } => Event::PeerStateChangeRequest {
+                role: role_from_code(role),
+            },
+            Frame::StateChangeReply { ok, reason } => Event::PeerStateChangeReply {
+                reply: ChangeReply::from_wire(ok, &reason),
+            },
             Frame::OutOfSync { offset_bytes, len } => {
                 if let Err(e) = self.lock().bitmap.set_range(offset_bytes, u64::from(len)) {
                     tracing::error!(resource = %self.name, "bitmap: {e}");
@@ -1249,6 +1351,38 @@ impl Volume {
                         self.peer_send_failed(id);
                     }
                 }
+                Deferred::BarrierFlush { epoch, token } => {
+                    let volume = self.clone();
+                    tokio::spawn(async move { volume.barrier_flush(epoch, token).await });
+                }
+                Deferred::PromoteDone(result) => self.promote_done(result),
+            }
+        }
+    }
+
+    /// Flushes for the peer's barrier and acknowledges it.
+    async fn barrier_flush(&self, epoch: u32, token: u64) {
+        let result = self.storage.flush().await.map_err(|e| {
+            tracing::error!(resource = %self.name, epoch, "flush for the peer's barrier: {e}");
+            e.errno()
+        });
+        let event = Event::PeerBarrierDone {
+            epoch,
+            token,
+            result,
+        };
+        let deferred = self.step(&mut self.lock(), event);
+        self.send_all(deferred).await;
+    }
+
+    fn promote_done(&self, result: Result<bool, StateChangeError>) {
+        let waiter = self.lock().promote_waiter.take();
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(result);
+            }
+            None => {
+                tracing::warn!(resource = %self.name, ?result, "promotion ended with nobody waiting")
             }
         }
     }
@@ -1309,6 +1443,10 @@ impl Volume {
                 Deferred::SubmitPeer(pid) => {
                     tracing::error!(pid, "peer request released outside the peer path");
                 }
+                Deferred::BarrierFlush { epoch, .. } => {
+                    tracing::error!(epoch, "barrier flush outside the peer path");
+                }
+                Deferred::PromoteDone(result) => self.promote_done(result),
             }
         }
     }
@@ -1403,6 +1541,56 @@ impl Volume {
                         },
                     };
                     deferred.push(Deferred::Send(tx, frame));
+                }
+                Action::SendBarrier { epoch } => {
+                    if let Some(tx) = inner.peer_tx.clone() {
+                        deferred.push(Deferred::Send(tx, Frame::Barrier { epoch }));
+                    }
+                }
+                Action::FlushForBarrier { epoch, token } => {
+                    deferred.push(Deferred::BarrierFlush { epoch, token })
+                }
+                Action::AckBarrier { epoch, count } => {
+                    if let Some(tx) = inner.peer_tx.clone() {
+                        deferred.push(Deferred::Send(tx, Frame::BarrierAck { epoch, count }));
+                    }
+                }
+                Action::SendStateChangeRequest { role } => {
+                    if let Some(tx) = inner.peer_tx.clone() {
+                        let frame = Frame::StateChangeRequest {
+                            role: role_code(role),
+                            flags: 0,
+                        };
+                        deferred.push(Deferred::Send(tx, frame));
+                    }
+                }
+                Action::SendStateChangeReply { reply } => {
+                    if let Some(tx) = inner.peer_tx.clone() {
+                        let frame = Frame::StateChangeReply {
+                            ok: reply == ChangeReply::Granted,
+                            reason: reply.reason().to_string(),
+                        };
+                        deferred.push(Deferred::Send(tx, frame));
+                    }
+                }
+                Action::PromoteDone { result } => {
+                    // The caller (`Resource::primary`) persists the superblock with
+                    // its Primary flag; a keeper write racing it could drop the flag.
+                    if let Ok(forced) = result {
+                        self.promoted(inner, forced);
+                    }
+                    deferred.push(Deferred::PromoteDone(result));
+                }
+                Action::AnnounceState => {
+                    if let Some(tx) = inner.peer_tx.clone() {
+                        let frame = Frame::State {
+                            role: role_code(inner.engine.role()),
+                            disk: disk_code(inner.engine.disk()),
+                            flags: 0,
+                            size_bytes: inner.engine.size_bytes(),
+                        };
+                        deferred.push(Deferred::Send(tx, frame));
+                    }
                 }
             }
         }
@@ -1720,6 +1908,10 @@ impl Volume {
                 Deferred::SubmitPeer(pid) => {
                     tracing::error!(pid, "peer request released on the application path");
                 }
+                Deferred::BarrierFlush { epoch, .. } => {
+                    tracing::error!(epoch, "barrier flush on the application path");
+                }
+                Deferred::PromoteDone(result) => self.promote_done(result),
             }
         }
     }
