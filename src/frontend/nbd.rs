@@ -3,7 +3,7 @@
 //! This module owns the public API of the server ([`NbdServer`], [`ExportResolver`],
 //! [`NbdLimits`]), the accept loops with their connection limit and shutdown, and the
 //! per-connection driver. The handshake lives in `nbd/handshake.rs`, the transmission
-//! phase (pipelined requests, one reply writer) in `nbd/transmission.rs`; the wire
+//! phase (pipelined requests, replies written by the connection task) in `nbd/transmission.rs`; the wire
 //! formats are `rdb_protocol::nbd`. See `docs/nbd.md` for what is implemented.
 //!
 //! Shutdown: when the watch channel given to `serve_*` becomes `true` (or its sender
