@@ -185,6 +185,9 @@ struct Peer {
     generation: Option<u64>,
     needs_fence: bool,
     fence_retry_ms: u64,
+    /// A split brain with this peer (both holding the group) was reported; cleared
+    /// once either side holds nothing.
+    split_brain_logged: bool,
 }
 
 /// Status of one link of a peer.
@@ -342,6 +345,7 @@ impl Machine {
                 generation: None,
                 needs_fence: false,
                 fence_retry_ms: 0,
+                split_brain_logged: false,
             })
             .collect();
         Ok(Machine {
@@ -714,6 +718,25 @@ impl Machine {
         pe.state = pk.state;
         pe.flags = pk.flags;
         pe.owner = pk.owner.clone();
+        // Both nodes hold the group (each declared the other dead while cut off): say
+        // so loudly, once per episode; `want_hold` then makes the worse ranked release.
+        if self.state.holds_resources() && pk.state.holds_resources() {
+            if !pe.split_brain_logged {
+                pe.split_brain_logged = true;
+                log(
+                    out,
+                    Level::Error,
+                    format!(
+                        "split brain: node {} also holds the resource group (state {}, here {}); the better ranked node keeps it",
+                        pe.name,
+                        pk.state.as_str(),
+                        self.state.as_str()
+                    ),
+                );
+            }
+        } else {
+            pe.split_brain_logged = false;
+        }
         if pk.state == NodeState::Active {
             self.last_owner = Some(pk.sender.clone());
         }

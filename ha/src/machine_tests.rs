@@ -631,6 +631,15 @@ fn split_brain_heals_to_preferred() {
     assert!(s.active(0));
     assert_eq!(s.state(1), Some(NodeState::Standby));
     assert!(s.running[1].is_empty());
+    // Never silent: each side reported the split brain, once.
+    for n in 0..2 {
+        let count = s
+            .logs
+            .iter()
+            .filter(|(_, m, l)| *m == n && l.starts_with("split brain: node"))
+            .count();
+        assert_eq!(count, 1, "node {n}: {:?}", s.logs);
+    }
 }
 
 #[test]
