@@ -15,6 +15,11 @@ pub mod rng;
 mod world;
 
 pub mod engine;
+pub mod ha;
+mod shim;
+
+// `src/engine/sync.rs` imports these as `crate::config` and `crate::meta`.
+pub(crate) use shim::{config, meta};
 
 pub use engine::core::Protocol;
 
