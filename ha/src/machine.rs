@@ -1052,6 +1052,16 @@ impl Machine {
                 }) {
                     return;
                 }
+                // Just back from a cut-off (ping nodes regained): a live peer may be
+                // starting the group on the strength of our old flags; let it hear our
+                // new ones and announce its start first (both nodes regaining the ping
+                // nodes at once would otherwise both start).
+                if self.ping_regained_ms.is_some_and(|t| {
+                    now_ms.saturating_sub(t) < 2 * self.p.keepalive_ms
+                        && self.peers.iter().any(|p| p.liveness == Liveness::Alive)
+                }) {
+                    return;
+                }
                 if self
                     .peers
                     .iter()

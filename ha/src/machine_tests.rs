@@ -736,3 +736,39 @@ fn randomized_partitions_and_loss() {
         );
     }
 }
+
+#[test]
+fn ping_regained_on_both_nodes_at_once_starts_the_group_once() {
+    // Found by the membership simulator (sim/src/ha.rs, seed 2482): both nodes lost the
+    // ping nodes, nobody holds the group; the ping nodes come back for b, then for a a
+    // few ms later. b still sees a as cut off and starts; a, preferred, sees b standby
+    // and started too, before either heard the other: two holders while connected.
+    let p = |n: &str, g| Params {
+        ping: true,
+        ..params(n, g)
+    };
+    let mut s = Sim::new(p);
+    s.event(0, Event::Ping { reachable: true });
+    s.event(1, Event::Ping { reachable: true });
+    s.until(500, |s| s.active(0));
+    for n in 0..2 {
+        s.event(n, Event::Ping { reachable: false });
+    }
+    s.run(DEADTIME_MS + 10);
+    for n in 0..2 {
+        s.event(n, Event::Ping { reachable: false });
+    }
+    s.until(1000, |s| s.running[0].is_empty() && !s.active(1));
+    s.run(300);
+    s.event(1, Event::Ping { reachable: true });
+    s.event(0, Event::Ping { reachable: true });
+    for _ in 0..(2 * DEADTIME_MS / Q_MS) {
+        s.step();
+        assert!(
+            s.running[0].is_empty() || s.running[1].is_empty(),
+            "both nodes run resources: {:?}",
+            s.logs
+        );
+    }
+    s.until(2000, |s| s.active(0));
+}
