@@ -328,6 +328,10 @@ pub struct HaReport {
     pub resyncs: u64,
     /// Handshakes both sides refused (the target would be a Primary).
     pub refused_handshakes: u64,
+    /// Promotions without the rdb connection while the peer had changed data since they
+    /// parted (the promoted node misses those writes; detected as a split brain when
+    /// they reconnect).
+    pub stale_promotions: u64,
     /// Liveness windows checked.
     pub liveness_checks: u64,
 }
@@ -932,6 +936,12 @@ impl<'a> World<'a> {
                 // volume.rs: a promotion without a connected peer starts a new data
                 // generation.
                 if !connected {
+                    if self.nodes[1 - n].changed {
+                        // The peer changed data since they parted: this node serves
+                        // data without those writes (DRBD avoids it with resource-level
+                        // fencing, which rdb does not have): a split brain at reconnect.
+                        self.report.stale_promotions += 1;
+                    }
                     self.new_generation(n);
                 }
                 self.nodes[n].uuids.current |= 1;
