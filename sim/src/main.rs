@@ -161,13 +161,82 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Outcome of one seed: events processed, or the violation and its replay command.
-type Outcome = Result<u64, String>;
+/// Outcome of one seed: its counters (events first, named by [`counter_names`]), or
+/// the violation and its replay command.
+type Outcome = Result<Vec<u64>, String>;
+
+fn counter_names(ha: bool) -> &'static [&'static str] {
+    if ha {
+        &[
+            "events",
+            "packets",
+            "dropped",
+            "duplicated",
+            "refused by replay protection",
+            "network faults",
+            "ping cuts",
+            "power-offs",
+            "rdb-ha restarts",
+            "admin commands",
+            "activations",
+            "failovers",
+            "start failures",
+            "promotions refused",
+            "two-holder episodes",
+            "split brains logged by rdb-ha",
+            "rdb handshakes",
+            "split brains detected at handshake",
+            "resyncs",
+            "refused handshakes",
+            "stale promotions",
+            "liveness windows checked",
+        ]
+    } else {
+        &[
+            "events",
+            "writes ok",
+            "requests failed",
+            "flushes ok",
+            "partitions",
+            "crashes",
+            "power losses",
+            "failovers",
+            "switchovers",
+            "connects",
+            "resyncs",
+            "resynced sectors",
+            "stale acks",
+        ]
+    }
+}
 
 fn run_one(a: &Args, seed: u64) -> Outcome {
     if a.ha {
         return match run_ha_seed(seed, &a.ha_opts) {
-            Ok(r) => Ok(r.steps),
+            Ok(r) => Ok(vec![
+                r.steps,
+                r.packets,
+                r.dropped,
+                r.duplicated,
+                r.refused,
+                r.net_faults,
+                r.ping_cuts,
+                r.crashes,
+                r.ha_restarts,
+                r.admin,
+                r.activations,
+                r.failovers,
+                r.start_failures,
+                r.promote_refusals,
+                r.overlaps,
+                r.split_brain_logs,
+                r.handshakes,
+                r.split_brains_detected,
+                r.resyncs,
+                r.refused_handshakes,
+                r.stale_promotions,
+                r.liveness_checks,
+            ]),
             Err(v) => {
                 let bug = a
                     .ha_bug_name
@@ -182,7 +251,21 @@ fn run_one(a: &Args, seed: u64) -> Outcome {
         };
     }
     match run_seed(seed, &a.opts) {
-        Ok(r) => Ok(r.steps),
+        Ok(r) => Ok(vec![
+            r.steps,
+            r.writes_ok,
+            r.requests_failed,
+            r.flushes_ok,
+            r.partitions,
+            r.crashes,
+            r.power_losses,
+            r.failovers,
+            r.switchovers,
+            r.connects,
+            r.resyncs,
+            r.resynced_sectors,
+            r.stale_acks,
+        ]),
         Err(v) => {
             let bug = a
                 .bug_name
@@ -215,12 +298,14 @@ fn main() -> ExitCode {
     let t0 = Instant::now();
     let failures = AtomicU64::new(0);
     let steps = AtomicU64::new(0);
+    let totals = Mutex::new(vec![0u64; counter_names(a.ha).len()]);
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let out = Mutex::new(());
     std::thread::scope(|sc| {
         for j in 0..a.jobs {
-            let (a, failures, steps, done, stop, out) = (&a, &failures, &steps, &done, &stop, &out);
+            let (a, failures, steps, done, stop, out, totals) =
+                (&a, &failures, &steps, &done, &stop, &out, &totals);
             sc.spawn(move || {
                 let mut i = j;
                 while i < a.seeds && !stop.load(Ordering::Relaxed) {
@@ -228,8 +313,12 @@ fn main() -> ExitCode {
                     let r = run_one(a, seed);
                     let _g = out.lock().unwrap_or_else(|e| e.into_inner());
                     match r {
-                        Ok(s) => {
-                            steps.fetch_add(s, Ordering::Relaxed);
+                        Ok(c) => {
+                            steps.fetch_add(c[0], Ordering::Relaxed);
+                            let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+                            for (t, c) in t.iter_mut().zip(&c) {
+                                *t += c;
+                            }
                         }
                         Err(msg) => {
                             failures.fetch_add(1, Ordering::Relaxed);
@@ -273,6 +362,13 @@ fn main() -> ExitCode {
         t0.elapsed().as_secs_f64(),
         a.jobs
     );
+    let totals = totals.into_inner().unwrap_or_else(|e| e.into_inner());
+    let line: Vec<String> = counter_names(a.ha)
+        .iter()
+        .zip(&totals)
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    println!("totals of the passing seeds: {}", line.join(", "));
     if failures > 0 {
         ExitCode::from(1)
     } else {
