@@ -471,6 +471,12 @@ impl Machine {
     fn set_state(&mut self, now_ms: u64, s: NodeState, out: &mut Vec<Action>) {
         if self.state != s {
             self.state = s;
+            if !s.holds_resources() {
+                // A later overlap is a new split brain, reported again.
+                self.peers
+                    .iter_mut()
+                    .for_each(|p| p.split_brain_logged = false);
+            }
             if s == NodeState::Active {
                 self.last_owner = Some(self.p.node.clone());
             }

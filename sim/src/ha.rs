@@ -447,6 +447,7 @@ struct World<'a> {
     overlap: Option<Overlap>,
     last_holder: Option<usize>,
     pending_violation: Option<HaViolation>,
+    last_sb_log_ms: Option<u64>,
     trace: VecDeque<String>,
     report: HaReport,
 }
@@ -534,6 +535,7 @@ impl<'a> World<'a> {
             overlap: None,
             last_holder: None,
             pending_violation: None,
+            last_sb_log_ms: None,
             trace: VecDeque::new(),
             report: HaReport {
                 seed,
@@ -764,6 +766,7 @@ impl<'a> World<'a> {
             HaAction::Log(level, msg) => {
                 if msg.starts_with("split brain: node") {
                     self.report.split_brain_logs += 1;
+                    self.last_sb_log_ms = Some(self.now);
                     if let Some(o) = self.overlap.as_mut() {
                         o.logged = true;
                     }
@@ -1647,10 +1650,15 @@ impl<'a> World<'a> {
             if self.overlap.is_none() {
                 self.report.overlaps += 1;
                 self.note("two holders".into());
+                // A machine may report it as soon as the other announces its start,
+                // a little before the start makes it a holder here.
+                let logged = self
+                    .last_sb_log_ms
+                    .is_some_and(|t| self.now - t <= DETECT_MS);
                 self.overlap = Some(Overlap {
                     start_ms: self.now,
                     mutual_ms: 0,
-                    logged: false,
+                    logged,
                 });
             }
             let since = self.mutual_since;
