@@ -232,9 +232,7 @@ impl Verifier {
                 t.timestamp_ms = t.timestamp_ms.max(p.timestamp_ms);
             }
             Some(t) => {
-                if p.timestamp_ms < t.timestamp_ms
-                    || t.retired.contains(&p.generation)
-                {
+                if p.timestamp_ms < t.timestamp_ms || t.retired.contains(&p.generation) {
                     return Err(replay());
                 }
                 if t.retired.len() == RETIRED_GENERATIONS {

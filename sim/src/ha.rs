@@ -355,21 +355,63 @@ pub fn run_ha_seed(seed: u64, opts: &HaOptions) -> Result<HaReport, HaViolation>
 
 #[derive(Debug)]
 enum Ev {
-    Tick { node: usize, inc: u64 },
-    PingProbe { node: usize, inc: u64 },
-    PingResult { node: usize, inc: u64 },
-    Deliver { to: usize, link: usize, bytes: Vec<u8>, sent_ms: u64, generation: u64, shutdown: bool },
-    ResDone { node: usize, inc: u64, index: usize, op: Op, ok: bool },
-    PromoteTry { node: usize, inc: u64, deadline_ms: u64 },
-    ResGone { node: usize, index: usize },
+    Tick {
+        node: usize,
+        inc: u64,
+    },
+    PingProbe {
+        node: usize,
+        inc: u64,
+    },
+    PingResult {
+        node: usize,
+        inc: u64,
+    },
+    Deliver {
+        to: usize,
+        link: usize,
+        bytes: Vec<u8>,
+        sent_ms: u64,
+        generation: u64,
+        shutdown: bool,
+    },
+    ResDone {
+        node: usize,
+        inc: u64,
+        index: usize,
+        op: Op,
+        ok: bool,
+    },
+    PromoteTry {
+        node: usize,
+        inc: u64,
+        deadline_ms: u64,
+    },
+    ResGone {
+        node: usize,
+        index: usize,
+    },
     Recheck,
-    Restart { node: usize },
-    HaStart { node: usize },
+    Restart {
+        node: usize,
+    },
+    HaStart {
+        node: usize,
+    },
     FaultTick,
-    Phase { quiet: bool },
+    Phase {
+        quiet: bool,
+    },
     RdbConnect,
-    RdbState { to: usize, epoch: u64, role: Role, disk: DiskState },
-    SyncDone { epoch: u64 },
+    RdbState {
+        to: usize,
+        epoch: u64,
+        role: Role,
+        disk: DiskState,
+    },
+    SyncDone {
+        epoch: u64,
+    },
     SbResolve,
 }
 
@@ -446,7 +488,6 @@ struct World<'a> {
     mutual_since: Option<u64>,
     overlap: Option<Overlap>,
     last_holder: Option<usize>,
-    pending_violation: Option<HaViolation>,
     last_sb_log_ms: Option<u64>,
     trace: VecDeque<String>,
     report: HaReport,
@@ -534,7 +575,6 @@ impl<'a> World<'a> {
             mutual_since: None,
             overlap: None,
             last_holder: None,
-            pending_violation: None,
             last_sb_log_ms: None,
             trace: VecDeque::new(),
             report: HaReport {
@@ -615,7 +655,10 @@ impl<'a> World<'a> {
             "rdb={:?} mutual={:?} cut={:?} spike={:?} ping_cut={:?}",
             self.rconn,
             self.mutual(),
-            [[self.cut(0, 0), self.cut(0, 1)], [self.cut(1, 0), self.cut(1, 1)]],
+            [
+                [self.cut(0, 0), self.cut(0, 1)],
+                [self.cut(1, 0), self.cut(1, 1)]
+            ],
             [self.spiked(0), self.spiked(1)],
             [self.ping_cut(0), self.ping_cut(1)]
         );
@@ -719,9 +762,7 @@ impl<'a> World<'a> {
                 }
                 let bytes = match auth::sign(&self.keys, p) {
                     Ok(b) => b,
-                    Err(e) => {
-                        return Err(self.violation(HaInvariant::Panic, format!("sign: {e}")))
-                    }
+                    Err(e) => return Err(self.violation(HaInvariant::Panic, format!("sign: {e}"))),
                 };
                 let to = 1 - n;
                 for link in 0..2 {
@@ -1034,7 +1075,10 @@ impl<'a> World<'a> {
         node.running[1] = false;
         node.running[2] = false;
         let inc = node.inc;
-        self.note(format!("{}: rdb-ha starts, generation {generation:x}", NAMES[n]));
+        self.note(format!(
+            "{}: rdb-ha starts, generation {generation:x}",
+            NAMES[n]
+        ));
         self.schedule(0, Ev::Tick { node: n, inc });
         self.schedule(0, Ev::PingProbe { node: n, inc });
         self.changed_now();
@@ -1152,24 +1196,25 @@ impl<'a> World<'a> {
         let (xa, xb) = (va.discard_my_data, vb.discard_my_data);
         match (ca, cb) {
             // A split brain the operator resolved: the discarding side is the target.
-            (true, true) if xa != xb => {
-                if !(if xa { da.is_target() } else { db.is_target() }) {
-                    return Err(self.violation(
-                        HaInvariant::ResyncDecision,
-                        format!(
-                            "{} discards its data, but the decision is a {da:?}, b {db:?}",
-                            if xa { "a" } else { "b" }
-                        ),
-                    ));
-                }
+            (true, true) if xa != xb && !(if xa { da.is_target() } else { db.is_target() }) => {
+                return Err(self.violation(
+                    HaInvariant::ResyncDecision,
+                    format!(
+                        "{} discards its data, but the decision is a {da:?}, b {db:?}",
+                        if xa { "a" } else { "b" }
+                    ),
+                ));
             }
+            (true, true) if xa != xb => {}
             (true, true) if !split => {
                 return Err(self.violation(
                     HaInvariant::SplitBrainSilent,
                     format!("both nodes were Primary while apart, but the decision is {da:?}"),
                 ))
             }
-            (true, false) | (false, true) if split || (ca && !da.is_source()) || (cb && !db.is_source()) => {
+            (true, false) | (false, true)
+                if split || (ca && !da.is_source()) || (cb && !db.is_source()) =>
+            {
                 return Err(self.violation(
                     HaInvariant::ResyncDecision,
                     format!(
@@ -1207,7 +1252,10 @@ impl<'a> World<'a> {
                 let node = &mut self.nodes[n];
                 // volume.rs `settle_in_sync`.
                 if peer_disk == DiskState::UpToDate
-                    && matches!(node.engine.disk(), DiskState::Consistent | DiskState::Outdated)
+                    && matches!(
+                        node.engine.disk(),
+                        DiskState::Consistent | DiskState::Outdated
+                    )
                 {
                     node.engine.force_disk(DiskState::UpToDate);
                 }
@@ -1236,14 +1284,16 @@ impl<'a> World<'a> {
         if epoch != self.rdb_epoch || self.rconn != (RConn::Up { syncing: true }) {
             return;
         }
-        let source = if self.nodes[0].engine.conn() == crate::engine::state::ConnState::SyncSource
-        {
+        let source = if self.nodes[0].engine.conn() == crate::engine::state::ConnState::SyncSource {
             0
         } else {
             1
         };
         let t = 1 - source;
-        self.note(format!("rdb: resync {} -> {} done", NAMES[source], NAMES[t]));
+        self.note(format!(
+            "rdb: resync {} -> {} done",
+            NAMES[source], NAMES[t]
+        ));
         let src_current = self.nodes[source].uuids.current;
         for n in 0..2 {
             let node = &mut self.nodes[n];
@@ -1276,9 +1326,9 @@ impl<'a> World<'a> {
     /// The operator resolves a split brain (or a refused handshake) once the nodes can
     /// reach each other: the node not Primary discards its data (`rdbadm connect
     /// --discard-my-data`), the other connects, at once.
-    fn sb_resolve(&mut self) {
+    fn sb_resolve(&mut self) -> Res {
         if self.rconn != RConn::StandAlone {
-            return;
+            return Ok(());
         }
         let primaries: Vec<usize> = (0..2)
             .filter(|&n| self.nodes[n].up && self.nodes[n].engine.role() == Role::Primary)
@@ -1286,7 +1336,7 @@ impl<'a> World<'a> {
         if primaries.len() == 2 || !self.rdb_path() {
             let d = self.rng.range(200, 1000);
             self.schedule(d, Ev::SbResolve);
-            return;
+            return Ok(());
         }
         let victim = match primaries.first() {
             Some(&p) => 1 - p,
@@ -1303,7 +1353,7 @@ impl<'a> World<'a> {
             self.nodes[n].engine.set_connecting(true);
         }
         self.connect_scheduled = true;
-        self.rdb_connect().unwrap_or_else(|v| self.pending_violation = Some(v));
+        self.rdb_connect()
     }
 
     // ----- hosts -----------------------------------------------------------------------
@@ -1393,7 +1443,9 @@ impl<'a> World<'a> {
                 }
                 let from = 1 - to;
                 if generation == self.nodes[from].generation
-                    && self.nodes[to].last_rx.is_none_or(|(s, g, _)| g != generation || sent_ms >= s)
+                    && self.nodes[to]
+                        .last_rx
+                        .is_none_or(|(s, g, _)| g != generation || sent_ms >= s)
                 {
                     self.nodes[to].last_rx = Some((sent_ms, generation, shutdown));
                 }
@@ -1443,12 +1495,7 @@ impl<'a> World<'a> {
                 }
             }
             Ev::SyncDone { epoch } => self.sync_done(epoch),
-            Ev::SbResolve => {
-                self.sb_resolve();
-                if let Some(v) = self.pending_violation.take() {
-                    return Err(v);
-                }
-            }
+            Ev::SbResolve => self.sb_resolve()?,
         }
         Ok(())
     }
@@ -1540,7 +1587,10 @@ impl<'a> World<'a> {
                     self.cut_until[l][from] = self.cut_until[l][from].max(t);
                 }
             }
-            self.net_fault(format!("ONE-WAY cut from {} on link(s) {which}", NAMES[from]));
+            self.net_fault(format!(
+                "ONE-WAY cut from {} on link(s) {which}",
+                NAMES[from]
+            ));
         }
         if self.rng.chance(f.flap) {
             let t = self.until(100, 1500);
@@ -1618,7 +1668,7 @@ impl<'a> World<'a> {
             ));
         }
         // CutOffHolds.
-        for n in 0..2 {
+        for (n, name) in NAMES.iter().enumerate() {
             let cut = self.ping_cut(n) && self.nodes[n].up;
             match (cut, self.ping_lost_since[n]) {
                 (true, None) => self.ping_lost_since[n] = Some(self.now),
@@ -1630,8 +1680,7 @@ impl<'a> World<'a> {
                     return Err(self.violation(
                         HaInvariant::CutOffHolds,
                         format!(
-                            "{} has been cut off from the ping node for {} ms and still runs resources",
-                            NAMES[n],
+                            "{name} has been cut off from the ping node for {} ms and still runs resources",
                             self.now - t
                         ),
                     ));
@@ -1662,8 +1711,7 @@ impl<'a> World<'a> {
                 });
             }
             let since = self.mutual_since;
-            let o = self.overlap.as_mut().expect("set above");
-            if let Some(ms) = since {
+            if let (Some(ms), Some(o)) = (since, self.overlap.as_mut()) {
                 let from = ms.max(o.start_ms);
                 let len = self.now - from;
                 o.mutual_ms = o.mutual_ms.max(len);
@@ -1719,8 +1767,7 @@ impl<'a> World<'a> {
         self.checked_change_ms = Some(self.last_change_ms);
         self.report.liveness_checks += 1;
         let stable = self.now - self.last_change_ms;
-        if (0..2).any(|n| self.eligible(n)) && !(0..2).any(|n| self.eligible(n) && self.active(n))
-        {
+        if (0..2).any(|n| self.eligible(n)) && !(0..2).any(|n| self.eligible(n) && self.active(n)) {
             return Err(self.violation(
                 HaInvariant::Liveness,
                 format!("{stable} ms without a fault change, an eligible node, and no eligible node holds the group"),

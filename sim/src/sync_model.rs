@@ -176,7 +176,10 @@ impl SyncModel {
             )
         };
         if !agree {
-            return Err(format!("resync decision refused or disagreeing: {}", what()));
+            return Err(format!(
+                "resync decision refused or disagreeing: {}",
+                what()
+            ));
         }
         let (c0, c1) = (self.nodes[0].changed, self.nodes[1].changed);
         if c0 && c1 {

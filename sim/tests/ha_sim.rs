@@ -67,9 +67,15 @@ fn membership_survives_every_fault() {
     println!("{CI_SEEDS} seeds: {total:?}");
     // The faults did happen, and each kind of situation was reached.
     assert!(total.failovers > CI_SEEDS, "{total:?}");
-    assert!(total.overlaps > 50 && total.split_brains_detected > 50, "{total:?}");
+    assert!(
+        total.overlaps > 50 && total.split_brains_detected > 50,
+        "{total:?}"
+    );
     assert!(total.split_brain_logs > 50, "{total:?}");
-    assert!(total.resyncs > CI_SEEDS && total.promote_refusals > 0, "{total:?}");
+    assert!(
+        total.resyncs > CI_SEEDS && total.promote_refusals > 0,
+        "{total:?}"
+    );
     assert!(total.refused > 1000 && total.dropped > 1000, "{total:?}");
     assert!(total.crashes > 100 && total.ha_restarts > 100, "{total:?}");
     assert!(total.liveness_checks > 2 * CI_SEEDS, "{total:?}");

@@ -37,12 +37,18 @@ fn protocol_c_survives_partitions_crashes_failover_and_switchover() {
 
 #[test]
 fn protocol_b_survives_faults_without_connection_loss() {
-    sweep(&opts(Protocol::B, FaultRates::no_connection_loss()), 0..CI_SEEDS);
+    sweep(
+        &opts(Protocol::B, FaultRates::no_connection_loss()),
+        0..CI_SEEDS,
+    );
 }
 
 #[test]
 fn protocol_a_survives_faults_without_connection_loss() {
-    sweep(&opts(Protocol::A, FaultRates::no_connection_loss()), 0..CI_SEEDS);
+    sweep(
+        &opts(Protocol::A, FaultRates::no_connection_loss()),
+        0..CI_SEEDS,
+    );
 }
 
 #[test]
