@@ -17,7 +17,7 @@ sim() {
   nice -n 10 target/release/rdb-sim --jobs "$jobs" --trace 200 "$@" | grep -v ' seeds done, '
 }
 case "$what" in ha|all) sim --ha --seeds "$n" ;; esac
-case "$what" in c|all) sim --seeds "$n" --protocol C --faults survivable ;; esac
+case "$what" in c|all) sim --seeds "$n" --protocol C --faults survivable --avoid-known-bugs ;; esac
 case "$what" in ab|all)
   sim --seeds "$n" --protocol B --faults no-connection-loss --avoid-known-bugs
   sim --seeds "$n" --protocol A --faults no-connection-loss --avoid-known-bugs ;;

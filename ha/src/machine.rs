@@ -1058,6 +1058,17 @@ impl Machine {
                 }) {
                     return;
                 }
+                // Admin takeover: a live peer that has not gone standby yet may be
+                // starting the group (its start crossed our request): wait for its
+                // answer, then for it to release.
+                if self.takeover_pending
+                    && self
+                        .peers
+                        .iter()
+                        .any(|p| p.liveness == Liveness::Alive && p.flags & FLAG_STANDBY == 0)
+                {
+                    return;
+                }
                 // Just back from a cut-off (ping nodes regained): a live peer may be
                 // starting the group on the strength of our old flags; let it hear our
                 // new ones and announce its start first (both nodes regaining the ping

@@ -784,3 +784,24 @@ fn ping_regained_on_both_nodes_at_once_starts_the_group_once() {
     }
     s.until(2000, |s| s.active(0));
 }
+
+#[test]
+fn takeover_while_the_peer_starts_waits_for_it() {
+    // Found by the membership simulator (sim/src/ha.rs, seed 66352 of the soak): a goes
+    // standby, b starts the group, and an admin `takeover` on a arrives before a heard
+    // b's start: a started at once, both promoted rdb while connected.
+    let mut s = booted();
+    s.event(0, Event::AdminStandby);
+    s.until(1000, |s| s.state(1) == Some(NodeState::Starting));
+    s.event(0, Event::AdminTakeover);
+    for _ in 0..(3 * DEADTIME_MS / Q_MS) {
+        s.step();
+        assert!(
+            s.running[0].is_empty() || s.running[1].is_empty(),
+            "both nodes run resources: {:?}",
+            s.logs
+        );
+    }
+    assert!(s.active(0), "{:?}", s.logs);
+    assert!(s.running[1].is_empty());
+}
