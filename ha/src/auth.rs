@@ -9,8 +9,9 @@
 //! that restarted during a long partition has sent many packets by the time one gets
 //! through (a bound on it made the peer refuse the restarted node forever; found by
 //! the membership simulator, `sim/src/ha.rs`); replaying a recorded packet needs a
-//! timestamp newer than every packet seen from the sender, i.e. one sent after them. The same packet arrives once per link (a sender signs one packet and
-//! sends it on every link): sequence numbers are also tracked per link, so the copy of
+//! timestamp newer than every packet seen from the sender, i.e. one sent after them.
+//! The same packet arrives once per link (a sender signs one packet and sends it on
+//! every link): sequence numbers are also tracked per link, so the copy of
 //! the newest packet is accepted once on each link (every link is seen alive) and never
 //! twice on one; a copy older than the newest packet (links reordered) is refused as
 //! stale, not counted as a replay.
