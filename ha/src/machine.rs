@@ -185,6 +185,9 @@ struct Peer {
     generation: Option<u64>,
     needs_fence: bool,
     fence_retry_ms: u64,
+    /// A split brain with this peer (both holding the group) was reported; cleared
+    /// once either side holds nothing.
+    split_brain_logged: bool,
 }
 
 /// Status of one link of a peer.
@@ -342,6 +345,7 @@ impl Machine {
                 generation: None,
                 needs_fence: false,
                 fence_retry_ms: 0,
+                split_brain_logged: false,
             })
             .collect();
         Ok(Machine {
@@ -467,6 +471,12 @@ impl Machine {
     fn set_state(&mut self, now_ms: u64, s: NodeState, out: &mut Vec<Action>) {
         if self.state != s {
             self.state = s;
+            if !s.holds_resources() {
+                // A later overlap is a new split brain, reported again.
+                self.peers
+                    .iter_mut()
+                    .for_each(|p| p.split_brain_logged = false);
+            }
             if s == NodeState::Active {
                 self.last_owner = Some(self.p.node.clone());
             }
@@ -714,6 +724,25 @@ impl Machine {
         pe.state = pk.state;
         pe.flags = pk.flags;
         pe.owner = pk.owner.clone();
+        // Both nodes hold the group (each declared the other dead while cut off): say
+        // so loudly, once per episode; `want_hold` then makes the worse ranked release.
+        if self.state.holds_resources() && pk.state.holds_resources() {
+            if !pe.split_brain_logged {
+                pe.split_brain_logged = true;
+                log(
+                    out,
+                    Level::Error,
+                    format!(
+                        "split brain: node {} also holds the resource group (state {}, here {}); the better ranked node keeps it",
+                        pe.name,
+                        pk.state.as_str(),
+                        self.state.as_str()
+                    ),
+                );
+            }
+        } else {
+            pe.split_brain_logged = false;
+        }
         if pk.state == NodeState::Active {
             self.last_owner = Some(pk.sender.clone());
         }
@@ -1026,6 +1055,27 @@ impl Machine {
                 if self.ping_regained_ms.is_some_and(|t| {
                     now_ms.saturating_sub(t) < self.p.deadtime_ms
                         && self.peers.iter().any(|p| p.liveness == Liveness::Dead)
+                }) {
+                    return;
+                }
+                // Admin takeover: a live peer that has not gone standby yet may be
+                // starting the group (its start crossed our request): wait for its
+                // answer, then for it to release.
+                if self.takeover_pending
+                    && self
+                        .peers
+                        .iter()
+                        .any(|p| p.liveness == Liveness::Alive && p.flags & FLAG_STANDBY == 0)
+                {
+                    return;
+                }
+                // Just back from a cut-off (ping nodes regained): a live peer may be
+                // starting the group on the strength of our old flags; let it hear our
+                // new ones and announce its start first (both nodes regaining the ping
+                // nodes at once would otherwise both start).
+                if self.ping_regained_ms.is_some_and(|t| {
+                    now_ms.saturating_sub(t) < 2 * self.p.keepalive_ms
+                        && self.peers.iter().any(|p| p.liveness == Liveness::Alive)
                 }) {
                     return;
                 }

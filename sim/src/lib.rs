@@ -15,6 +15,12 @@ pub mod rng;
 mod world;
 
 pub mod engine;
+pub mod ha;
+mod shim;
+mod sync_model;
+
+// `src/engine/sync.rs` imports these as `crate::config` and `crate::meta`.
+pub(crate) use shim::{config, meta};
 
 pub use engine::core::Protocol;
 
@@ -167,6 +173,11 @@ pub enum Invariant {
     Counters,
     /// After the simulated resync the two disks are identical.
     ResyncIdentical,
+    /// At each handshake the real resync decision (`src/engine/sync.rs`, on the
+    /// generation UUIDs kept as `src/engine/volume.rs` keeps them) agrees on both
+    /// sides, finds no split brain, and makes the node that changed data while apart
+    /// the sync source.
+    ResyncDecision,
     /// The engine panicked (an internal assertion failed).
     EnginePanic,
 }

@@ -19,6 +19,7 @@ use crate::engine::core::{
 use crate::engine::state::{DiskState, Role};
 use crate::engine::StateChangeError;
 use crate::rng::Rng;
+use crate::sync_model::{Observed, SyncModel};
 use crate::{Bug, Invariant, SimOptions, SimReport, Violation};
 
 const SECTOR_BYTES: u64 = 512;
@@ -284,6 +285,8 @@ struct World<'a> {
     report: SimReport,
     /// A violation found where no `Res` could carry it.
     pending_violation: Option<Violation>,
+    /// Generation UUIDs, judged by `src/engine/sync.rs` at each handshake.
+    meta: SyncModel,
 }
 
 type Res = Result<(), Violation>;
@@ -339,6 +342,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Violation> {
             ..SimReport::default()
         },
         pending_violation: None,
+        meta: SyncModel::new(opts.avoid_known_bugs),
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
     match outcome {
@@ -378,6 +382,7 @@ impl World<'_> {
             self.now = t;
             self.step += 1;
             self.process(ev)?;
+            self.observe_meta();
             self.check_all()?;
             if let Some(p) = self.primary() {
                 self.last_primary = p;
@@ -417,6 +422,20 @@ impl World<'_> {
         self.report.end_time_ms = self.now;
         self.report.final_hash = fnv(self.nodes[p].disk.content());
         Ok(self.report.clone())
+    }
+
+    /// Feeds what changed on each node to the UUID model.
+    fn observe_meta(&mut self) {
+        for i in 0..2 {
+            let n = &self.nodes[i];
+            let o = Observed {
+                up: n.up,
+                role: n.engine.role(),
+                disk: n.engine.disk(),
+                connected: n.engine.conn().is_connected(),
+            };
+            self.meta.observe(i, o);
+        }
     }
 
     // ----- scheduling and tracing -------------------------------------------------
@@ -1161,6 +1180,11 @@ impl World<'_> {
             .iter()
             .map(|n| (n.engine.role(), n.engine.disk()))
             .collect();
+        self.observe_meta();
+        let oos = [0, 1].map(|i| self.nodes[i].oos.iter().filter(|&&b| b).count() as u64);
+        if let Err(e) = self.meta.handshake([states[0], states[1]], oos) {
+            return Err(self.violation(Invariant::ResyncDecision, e));
+        }
         for i in 0..2 {
             self.nodes[i].peer_tx = Some(self.epoch);
         }

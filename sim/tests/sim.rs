@@ -6,6 +6,8 @@ use rdb_sim::{run_seed, Bug, FaultRates, Invariant, Protocol, SimOptions};
 
 /// Steps per seed in the debug-build sweeps (the binary defaults to 4000).
 const TEST_STEPS: u64 = 1500;
+/// Seeds per protocol in CI (the soak runs 100,000: `scripts/soak.sh`).
+const CI_SEEDS: u64 = 500;
 
 fn opts(protocol: Protocol, faults: FaultRates) -> SimOptions {
     SimOptions {
@@ -30,17 +32,23 @@ fn sweep(o: &SimOptions, seeds: std::ops::Range<u64>) {
 
 #[test]
 fn protocol_c_survives_partitions_crashes_failover_and_switchover() {
-    sweep(&opts(Protocol::C, FaultRates::survivable()), 0..200);
+    sweep(&opts(Protocol::C, FaultRates::survivable()), 0..CI_SEEDS);
 }
 
 #[test]
 fn protocol_b_survives_faults_without_connection_loss() {
-    sweep(&opts(Protocol::B, FaultRates::no_connection_loss()), 0..200);
+    sweep(
+        &opts(Protocol::B, FaultRates::no_connection_loss()),
+        0..CI_SEEDS,
+    );
 }
 
 #[test]
 fn protocol_a_survives_faults_without_connection_loss() {
-    sweep(&opts(Protocol::A, FaultRates::no_connection_loss()), 0..200);
+    sweep(
+        &opts(Protocol::A, FaultRates::no_connection_loss()),
+        0..CI_SEEDS,
+    );
 }
 
 #[test]

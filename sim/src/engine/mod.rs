@@ -1,4 +1,5 @@
-//! The engine sources of the `rdb` crate (`src/engine/core.rs`, `state.rs`),
+//! The engine sources of the `rdb` crate (`src/engine/core.rs`, `state.rs`,
+//! `sync.rs`),
 //! compiled into the simulator as they are, so the simulator exercises the real code.
 
 #[path = "../../../src/engine/core.rs"]
@@ -7,3 +8,5 @@ pub mod core;
 pub mod state;
 
 pub use self::core::StateChangeError;
+#[path = "../../../src/engine/sync.rs"]
+pub mod sync;
