@@ -100,12 +100,14 @@ struct Cluster {
     ports: [u16; 3],
 }
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free UDP ports: the sockets are held until all are picked (dropping
+/// each at once let the kernel hand the same port out twice, and a node then failed to
+/// bind it).
+fn free_udp_ports<const N: usize>() -> [u16; N] {
+    let socks: Vec<UdpSocket> = (0..N)
+        .map(|_| UdpSocket::bind("0.0.0.0:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| socks[i].local_addr().unwrap().port())
 }
 
 impl Cluster {
@@ -113,7 +115,7 @@ impl Cluster {
     /// the test listens to capture genuine packets.
     fn new() -> Cluster {
         let t = tempfile::tempdir().unwrap();
-        let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+        let ports = free_udp_ports::<3>();
         let marks = t.path().join("marks");
         std::fs::create_dir(&marks).unwrap();
         let mk = |i: usize| {

@@ -109,9 +109,15 @@ pub struct Cluster {
     pub res: String,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+/// Two distinct free TCP ports (both listeners are held until both are picked, so the
+/// kernel cannot hand the same port out twice).
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    (
+        a.local_addr().expect("local addr").port(),
+        b.local_addr().expect("local addr").port(),
+    )
 }
 
 impl Cluster {
@@ -149,7 +155,7 @@ impl Cluster {
             );
         }
         let device = PathBuf::from(format!("/dev/rdb-test-{tag}-{}", std::process::id()));
-        let (pa, pb) = (free_port(), free_port());
+        let (pa, pb) = free_ports();
         let conf = dir.join("rdb.conf");
         let text = format!(
             "resource r0 {{\n    device {dev};\n    flexible-meta-disk internal;\n    {extra_resource}\n    net {{\n        protocol {protocol};\n        {extra_net}\n    }}\n    on alpha {{\n        disk {d}/alpha.img;\n        address 127.0.0.1:{pa};\n    }}\n    on beta {{\n        disk {d}/beta.img;\n        address 127.0.0.1:{pb};\n    }}\n}}\n",
