@@ -15,6 +15,9 @@ use crate::net;
 
 /// Attempts of `umount` (with `fuser -km` in between) before a stop fails.
 pub const UMOUNT_ATTEMPTS: u32 = 3;
+/// Mount attempts of a Filesystem start, and the pause between two.
+pub const MOUNT_ATTEMPTS: u32 = 3;
+const MOUNT_RETRY_MS: u64 = 300;
 /// Gratuitous ARP frames sent after adding an address.
 pub const GARP_COUNT: u32 = 3;
 /// Pause between two refused promotions of an rdbdisk resource.
@@ -359,7 +362,30 @@ pub async fn run(env: &AgentEnv, res: &Resource, op: Op) -> Result<(), AgentErro
                 argv.extend(sv(&["-o", o]));
             }
             argv.extend(sv(&[dev, dir]));
-            must(env, &argv).await.map(|_| ())
+            // A device promoted a moment ago can fail its first superblock read
+            // ("can't read superblock", seen once in CI right after an rdb
+            // promotion on FUSE + loop): retry a bounded number of times before the
+            // start counts as failed (which rolls the whole group back).
+            let mut attempt = 1;
+            loop {
+                let r = run_cmd(env, &argv, None).await?;
+                if r.ok || mounted(dir) {
+                    return Ok(());
+                }
+                if attempt == MOUNT_ATTEMPTS {
+                    return Err(AgentError::Failed {
+                        cmd: argv.join(" "),
+                        status: r.status,
+                        stderr: r.stderr,
+                    });
+                }
+                tracing::warn!(
+                    "mount {dev} on {dir} failed (attempt {attempt} of {MOUNT_ATTEMPTS}): {}",
+                    r.stderr.trim()
+                );
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(MOUNT_RETRY_MS)).await;
+            }
         }
         (Resource::Filesystem { dir, .. }, Op::Stop) => {
             for attempt in 1..=UMOUNT_ATTEMPTS {
