@@ -804,3 +804,33 @@ fn drbd83_style_config() {
         ]
     );
 }
+
+#[test]
+fn on_congestion_settings_and_protocol_a_rule() {
+    let cfg = parse(&res(
+        "  net {\n    protocol A;\n    on-congestion pull-ahead;\n    congestion-fill 2G;\n    congestion-extents 500;\n  }",
+    ))
+    .unwrap();
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+    let r = cfg.resolve("r", "a").unwrap();
+    assert_eq!(r.net.on_congestion, rdb::config::OnCongestion::PullAhead);
+    assert_eq!(r.net.congestion_fill_bytes, 2 << 30);
+    assert_eq!(r.net.congestion_extents, Some(500));
+    // Default unit of congestion-fill: 512-byte sectors, as in DRBD.
+    let r = parse(&res(
+        "  net { protocol A; on-congestion disconnect; congestion-fill 2048; }",
+    ))
+    .unwrap()
+    .resolve("r", "a")
+    .unwrap();
+    assert_eq!(r.net.congestion_fill_bytes, 1 << 20);
+    // DRBD: pull-ahead and disconnect need protocol A.
+    assert_eq!(
+        err(&res("  net { on-congestion pull-ahead; }")),
+        "t.conf:7:23: invalid value 'pull-ahead' for 'on-congestion': on-congestion pull-ahead/disconnect requires protocol A"
+    );
+    assert_eq!(
+        err(&res("  net { protocol B; on-congestion disconnect; }")),
+        "t.conf:7:35: invalid value 'disconnect' for 'on-congestion': on-congestion pull-ahead/disconnect requires protocol A"
+    );
+}

@@ -152,11 +152,20 @@ fn finished_within(child: &mut std::process::Child, timeout: Duration) -> bool {
 
 /// A cluster whose two nodes reach each other only through proxies.
 fn proxied(tag: &str, proto: &str) -> (Cluster, Proxy, Proxy, std::path::PathBuf) {
+    proxied_with(tag, proto, "")
+}
+
+/// [`proxied`] with more `net { }` options.
+fn proxied_with(
+    tag: &str,
+    proto: &str,
+    extra_net: &str,
+) -> (Cluster, Proxy, Proxy, std::path::PathBuf) {
     let c = Cluster::new(
         tag,
         proto,
         "64M",
-        "ping-int 10; ping-timeout 50; timeout 100; connect-int 1;",
+        &format!("ping-int 10; ping-timeout 50; timeout 100; connect-int 1; {extra_net}"),
     );
     let conf = std::fs::read_to_string(&c.conf).unwrap();
     let addr = |node: &str| -> SocketAddr {
@@ -378,4 +387,114 @@ fn acknowledged_protocol_c_writes_survive_a_primary_kill() {
         "only {checked} acknowledged writes checked"
     );
     eprintln!("{checked} acknowledged protocol C writes found on the Secondary after kill -9 of the Primary");
+}
+
+/// `on-congestion pull-ahead`: with the link to the peer stalled, a protocol A
+/// Primary goes Ahead once `congestion-fill` bytes are in flight, keeps completing
+/// writes locally (fio writes 48 MiB, far more than the send queue and socket
+/// buffers hold, which would block under `on-congestion block`), marks them out of
+/// sync, and after the heal resyncs them: Ahead/Behind -> SyncSource/SyncTarget ->
+/// Connected, disks identical.
+#[test]
+fn on_congestion_pull_ahead_then_resync() {
+    need_root();
+    need("fio", "fio");
+    let (c, to_beta, to_alpha, beta_conf) = proxied_with(
+        "pullahead",
+        "A",
+        "on-congestion pull-ahead; congestion-fill 1M;",
+    );
+    c.adm_ok("alpha", &["create-md", "r0"]);
+    adm_conf(&c, &beta_conf, "beta", &["create-md", "r0"]);
+    c.adm_ok("alpha", &["up", "r0"]);
+    adm_conf(&c, &beta_conf, "beta", &["up", "r0"]);
+    c.adm_ok("alpha", &["primary", "r0", "--force"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || in_sync(&c)),
+        "initial sync never finished: {}",
+        c.status("alpha")
+    );
+    // Stall what alpha sends to beta, whichever way the link was dialled.
+    to_beta.stall(Dir::ToTarget, true);
+    to_alpha.stall(Dir::FromTarget, true);
+    let uri = c.nbd_uri("alpha");
+    let fio = std::thread::spawn(move || {
+        run(
+            60,
+            "fio",
+            &[
+                "--name=pa",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=48M",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output=/dev/null",
+            ],
+        )
+    });
+    let t0 = Instant::now();
+    let deadline = Duration::from_secs(10);
+    assert!(
+        wait_for(deadline, || fio.is_finished()),
+        "fio did not finish while the link was stalled (writes blocked instead of pulling ahead): {}\nalpha log:\n{}",
+        c.status("alpha"),
+        c.log_tail("alpha")
+    );
+    let out = fio.join().unwrap();
+    assert!(
+        out.status.success(),
+        "fio verify failed while Ahead: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = c.status("alpha");
+    assert_eq!(s["connection"], "Ahead", "alpha is not Ahead: {s}");
+    assert!(
+        s["out_of_sync_bytes"].as_u64().unwrap() > 0,
+        "nothing marked: {s}"
+    );
+    eprintln!(
+        "fio finished in {:?} with the link stalled; alpha Ahead, {} bytes out of sync",
+        t0.elapsed(),
+        s["out_of_sync_bytes"]
+    );
+    to_beta.stall(Dir::ToTarget, false);
+    to_alpha.stall(Dir::FromTarget, false);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let s = c.status("alpha");
+            s["connection"] == "Connected"
+                && s["peer_disk"] == "UpToDate"
+                && s["out_of_sync_bytes"] == 0
+        }),
+        "alpha did not resync after the heal: {}\nalpha log:\n{}\nbeta log:\n{}",
+        c.status("alpha"),
+        c.log_tail("alpha"),
+        c.log_tail("beta")
+    );
+    let beta_log = std::fs::read_to_string(c.run_dir("beta").join("rdbd.log")).unwrap_or_default();
+    let alpha_log =
+        std::fs::read_to_string(c.run_dir("alpha").join("rdbd.log")).unwrap_or_default();
+    assert!(
+        alpha_log.contains("conn( Connected -> Ahead )"),
+        "no Ahead in alpha's log"
+    );
+    assert!(
+        beta_log.contains("conn( Connected -> Behind )"),
+        "no Behind in beta's log"
+    );
+    assert!(
+        beta_log.contains("Behind -> SyncTarget"),
+        "beta was not SyncTarget after Behind"
+    );
+    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
+    c.adm_ok("alpha", &["secondary", "r0"]);
+    c.adm_ok("alpha", &["down", "r0"]);
+    adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
+    data_areas_identical(&c, size);
 }

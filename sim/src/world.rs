@@ -722,6 +722,16 @@ impl World<'_> {
                     }
                 }
                 Action::AnnounceState => self.announce(n),
+                // The simulator runs `on-congestion block` (the default): the engine
+                // never pulls ahead nor drops the link for congestion here.
+                Action::SendOutOfSync { .. }
+                | Action::DropConnection { .. }
+                | Action::StartResync => {
+                    return Err(self.violation(
+                        Invariant::Counters,
+                        format!("n{n}: on-congestion action {action:?} under block"),
+                    ));
+                }
             }
         }
         Ok(())

@@ -136,6 +136,8 @@ pub(crate) fn implemented(s: Section) -> &'static [&'static str] {
             "csums-alg",
             "verify-alg",
             "on-congestion",
+            "congestion-fill",
+            "congestion-extents",
         ],
         Section::Startup => &[
             "wfc-timeout",
@@ -218,8 +220,6 @@ pub(crate) fn ignored(s: Section) -> &'static [(&'static str, Shape)] {
             ("always-asbp", Bool),
             ("rr-conflict", One),
             ("tcp-cork", Bool),
-            ("congestion-fill", One),
-            ("congestion-extents", One),
             ("use-rle", Bool),
             ("unplug-watermark", One),
             ("csums-after-crash-only", Bool),

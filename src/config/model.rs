@@ -228,6 +228,12 @@ pub struct NetConfig {
     pub verify_alg: Option<String>,
     /// Protocol A congestion policy (default block).
     pub on_congestion: OnCongestion,
+    /// `congestion-fill`: bytes in flight to the peer that count as congestion
+    /// (default 0: not checked).
+    pub congestion_fill_bytes: u64,
+    /// `congestion-extents`: activity-log extents in use that count as congestion
+    /// (default: `al-extents`).
+    pub congestion_extents: Option<u32>,
 }
 
 impl Default for NetConfig {
@@ -253,6 +259,8 @@ impl Default for NetConfig {
             csums_alg: None,
             verify_alg: None,
             on_congestion: OnCongestion::Block,
+            congestion_fill_bytes: 0,
+            congestion_extents: None,
         }
     }
 }

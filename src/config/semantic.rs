@@ -300,6 +300,8 @@ fn apply_net(
     mut w: Option<&mut Vec<Warning>>,
 ) -> Result<(), ConfigError> {
     let mut seen = Seen::new("net");
+    let mut congestion_pos = None;
+    let mut protocol_pos = None;
     for st in &b.stmts {
         seen.check(st.name(), &st.kw.pos)?;
         let kw = st.name();
@@ -352,10 +354,36 @@ fn apply_net(
             "csums-alg" => n.csums_alg = Some(digest(st, false)?),
             "verify-alg" => n.verify_alg = Some(digest(st, false)?),
             "on-congestion" => {
-                n.on_congestion = values::keyword(values::one(st)?, kw, OnCongestion::ALL)?
+                let a = values::one(st)?;
+                n.on_congestion = values::keyword(a, kw, OnCongestion::ALL)?;
+                congestion_pos = Some((a.pos.clone(), a.text.clone()));
+            }
+            // DRBD 8.4: sectors by default, at most 10 GiB.
+            "congestion-fill" => {
+                n.congestion_fill_bytes = values::size(values::one(st)?, kw, 512, 0, 10 << 30)?
+            }
+            "congestion-extents" => {
+                n.congestion_extents = Some(values::number_u32(values::one(st)?, kw, 7, 6433)?)
             }
             _ => other(Section::Net, st, w.as_deref_mut())?,
         }
+        if kw == "protocol" && s.net.protocol != Protocol::A {
+            protocol_pos = Some(st.kw.pos.clone());
+        }
+    }
+    // DRBD: "on-congestion policy requires protocol A".
+    if s.net.on_congestion != OnCongestion::Block && s.net.protocol != Protocol::A {
+        let (pos, value) = match (congestion_pos, protocol_pos) {
+            (Some(c), _) => c,
+            (None, Some(p)) => (p, "protocol".to_string()),
+            (None, None) => return Ok(()),
+        };
+        return Err(ConfigError::invalid(
+            &pos,
+            "on-congestion",
+            &value,
+            "on-congestion pull-ahead/disconnect requires protocol A",
+        ));
     }
     Ok(())
 }

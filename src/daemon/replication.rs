@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 
 use crate::engine::sync::{decide, SplitBrainPolicy, SyncDecision, SyncView};
 use crate::engine::volume::{
-    disk_from_code, role_from_code, PeerTx, UUID_FLAG_CRASHED_PRIMARY, UUID_FLAG_DISCARD_MY_DATA,
-    UUID_FLAG_INFO_ONLY, UUID_FLAG_SKIP_SYNC,
+    disk_from_code, role_from_code, LinkRequest, PeerTx, UUID_FLAG_CRASHED_PRIMARY,
+    UUID_FLAG_DISCARD_MY_DATA, UUID_FLAG_INFO_ONLY, UUID_FLAG_SKIP_SYNC,
 };
 use crate::engine::{ConnState, Role, Volume};
 use crate::meta::uuid::format_uuid;
@@ -268,6 +268,8 @@ async fn session(
         return;
     }
     // Racing state changes: the node whose name sorts first wins (both agree).
+    // Requests of an earlier connection mean nothing for this one.
+    volume.clear_link_requests();
     volume.attach_peer(
         tx.clone(),
         role,
@@ -285,6 +287,25 @@ async fn session(
     loop {
         tokio::select! {
             _ = tick.tick() => volume.tick().await,
+            req = volume.next_link_request() => match req {
+                LinkRequest::StartResync => {
+                    if volume.snapshot().conn != ConnState::Ahead {
+                        continue;
+                    }
+                    if resync.as_ref().is_some_and(|t| !t.is_finished()) {
+                        tracing::warn!(resource = %res, "Ahead: a resync is already running");
+                    } else {
+                        tracing::info!(resource = %res, "Ahead -> SyncSource: resyncing what the peer missed");
+                        resync = Some(tokio::spawn(run_resync(volume.clone(), false, link.resync.clone())));
+                    }
+                }
+                LinkRequest::Drop(reason) => {
+                    tracing::warn!(resource = %res, "on-congestion disconnect: {reason}, dropping the connection");
+                    conn.close(reason).await;
+                    volume.detach_peer(false);
+                    return;
+                }
+            },
             Some(cmd) = commands.recv() => match cmd {
                 LinkCommand::FullSyncToPeer => {
                     if resync.as_ref().is_some_and(|t| !t.is_finished()) {

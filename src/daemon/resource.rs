@@ -303,6 +303,17 @@ impl Resource {
         // A promotion waits for the peer's answer as long as DRBD's `timeout` (at
         // least 1 s).
         volume.set_replication_limits(cfg.net.max_epoch_size, cfg.net.timeout_ms.max(1000));
+        volume.set_congestion(crate::engine::core::Congestion {
+            policy: match cfg.net.on_congestion {
+                config::OnCongestion::Block => crate::engine::core::CongestionPolicy::Block,
+                config::OnCongestion::PullAhead => crate::engine::core::CongestionPolicy::PullAhead,
+                config::OnCongestion::Disconnect => {
+                    crate::engine::core::CongestionPolicy::Disconnect
+                }
+            },
+            fill_bytes: cfg.net.congestion_fill_bytes,
+            extents: cfg.net.congestion_extents.unwrap_or(cfg.disk.al_extents),
+        });
         tracing::info!(
             resource = name,
             "disk( Diskless -> {disk} ), size {} bytes",

@@ -82,6 +82,11 @@ impl AlGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Extents with writes in flight (`congestion-extents`).
+    pub fn extents_in_use(&self) -> u32 {
+        self.lock().log.extents_in_use()
+    }
+
     /// Number of AL transactions written since `up`.
     pub fn transactions_written(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)

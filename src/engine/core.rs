@@ -28,6 +28,7 @@ pub const EPOCH_CLOSE_MS: u64 = 100;
 /// Default time a promotion waits for the peer's reply to its state-change request.
 pub const DEFAULT_STATE_CHANGE_TIMEOUT_MS: u64 = 5000;
 
+pub use crate::engine::congestion::{Congestion, CongestionPolicy, AHEAD_TO_SYNC_MS};
 use crate::engine::state::{ConnState, DiskState, Role};
 
 /// Identifier of an application request, unique per volume while in flight.
@@ -329,6 +330,21 @@ pub enum Action {
     },
     /// Send our role and disk state to the peer (after a cluster-wide change).
     AnnounceState,
+    /// `on-congestion pull-ahead`: tell the peer this range is out of sync (its
+    /// data is not sent).
+    SendOutOfSync {
+        /// Start of the range.
+        offset_bytes: u64,
+        /// Length of the range.
+        len_bytes: u64,
+    },
+    /// `on-congestion disconnect`: drop the connection.
+    DropConnection {
+        /// Which threshold was reached.
+        reason: &'static str,
+    },
+    /// An `Ahead` Primary caught up: start a bitmap resync as SyncSource.
+    StartResync,
 }
 
 /// What [`Engine::begin_promote`] did.
@@ -517,6 +533,8 @@ pub struct Engine {
     /// How long a promotion waits for the peer's reply.
     state_change_timeout_ms: u64,
     counters: Counters,
+    /// `on-congestion` state (`congestion.rs`).
+    cong: crate::engine::congestion::CongestionState,
 }
 
 impl Engine {
@@ -551,6 +569,7 @@ impl Engine {
             conflict_winner: false,
             state_change_timeout_ms: DEFAULT_STATE_CHANGE_TIMEOUT_MS,
             counters: Counters::default(),
+            cong: crate::engine::congestion::CongestionState::default(),
         }
     }
 
@@ -960,6 +979,7 @@ impl Engine {
                 }
                 if let Some(i) = self.transfer_log.iter().rposition(|e| e.id == id) {
                     if let Some(e) = self.transfer_log.remove(i) {
+                        self.cong.tl_bytes -= e.len_bytes;
                         out.push(Action::MarkOutOfSync {
                             offset_bytes: e.offset_bytes,
                             len_bytes: e.len_bytes,
@@ -1028,6 +1048,7 @@ impl Engine {
                 if self.epoch_writes > 0 && self.now_ms >= self.epoch_start_ms + EPOCH_CLOSE_MS {
                     self.close_epoch(out);
                 }
+                self.congestion_tick(out);
             }
             Event::PeerBarrier { epoch } => {
                 // Every write whose WriteAck we sent is complete: a flush started
@@ -1065,6 +1086,10 @@ impl Engine {
         }
         debug_assert_eq!(self.counters.app_pending, self.pending.len() as u64);
         debug_assert_eq!(self.counters.unacked, self.peer_reqs.len() as u64);
+        debug_assert_eq!(
+            self.cong.tl_bytes,
+            self.transfer_log.iter().map(|e| e.len_bytes).sum::<u64>()
+        );
     }
 
     fn on_request(
@@ -1131,17 +1156,39 @@ impl Engine {
     /// Submits a request locally and, when a peer is connected and the request
     /// changes data (or is a flush), to the peer; marks it out of sync otherwise.
     fn submit(&mut self, id: ReqId, out: &mut Vec<Action>) {
-        let connected = self.conn.is_connected();
         let Some(p) = self.pending.get_mut(&id) else {
             return;
         };
         p.submitted = true;
         self.counters.local_pending += 1;
         out.push(Action::SubmitLocal(id));
-        let replicated = p.kind.is_write() || p.kind == ReqKind::Flush;
+        let (kind, offset_bytes, len_bytes) = (p.kind, p.offset_bytes, p.len_bytes);
+        let replicated = kind.is_write() || kind == ReqKind::Flush;
         if !replicated {
             return;
         }
+        if kind.is_write() {
+            self.check_congestion(out);
+        }
+        if self.conn == ConnState::Ahead {
+            // Pulled ahead: the peer gets the range, not the data; the resync
+            // started once it caught up sends it.
+            if kind.is_write() {
+                out.push(Action::MarkOutOfSync {
+                    offset_bytes,
+                    len_bytes,
+                });
+                out.push(Action::SendOutOfSync {
+                    offset_bytes,
+                    len_bytes,
+                });
+            }
+            return;
+        }
+        let connected = self.conn.is_connected();
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
         if connected {
             p.peer_needed = true;
             // The driver hands the frame to the connection's bounded queue (our send
@@ -1150,6 +1197,9 @@ impl Engine {
             self.counters.peer_pending += 1;
             if p.kind == ReqKind::Write {
                 self.counters.net_sent_bytes += p.len_bytes;
+            }
+            if p.kind.is_write() {
+                self.cong.sent_pending_bytes += p.len_bytes;
             }
             let flush = p.kind == ReqKind::Flush;
             out.push(Action::SendPeer(id));
@@ -1198,8 +1248,12 @@ impl Engine {
         let mut written = false;
         if p.peer_needed {
             self.counters.peer_pending -= 1;
+            if p.kind.is_write() {
+                self.cong.sent_pending_bytes -= p.len_bytes;
+            }
             if p.kind.is_write() && self.conn.is_connected() {
                 written = p.peer >= PeerProgress::Written;
+                self.cong.tl_bytes += p.len_bytes;
                 self.transfer_log.push_back(TlEntry {
                     id,
                     offset_bytes: p.offset_bytes,
@@ -1262,8 +1316,15 @@ impl Engine {
         let upto = self.barriers[i].epoch;
         // Older barriers are covered by this one.
         self.barriers.drain(..=i);
-        self.transfer_log
-            .retain(|e| e.epoch == NOT_WRITTEN || e.epoch > upto);
+        let mut released_bytes = 0;
+        self.transfer_log.retain(|e| {
+            let keep = e.epoch == NOT_WRITTEN || e.epoch > upto;
+            if !keep {
+                released_bytes += e.len_bytes;
+            }
+            keep
+        });
+        self.cong.tl_bytes -= released_bytes;
     }
 
     /// The peer is gone: every write it may miss is marked out of sync before its
@@ -1293,6 +1354,7 @@ impl Engine {
             });
         }
         self.barriers.clear();
+        self.congestion_reset();
         self.next_epoch();
         self.conn_gen += 1;
         self.peer_epoch_writes = 0;
@@ -1462,6 +1524,121 @@ impl Engine {
             }
         }
         self.peer_blocked = still;
+    }
+}
+
+/// `on-congestion` (types and the design in `congestion.rs`).
+impl Engine {
+    /// Sets `on-congestion`, `congestion-fill` and `congestion-extents`.
+    pub fn set_congestion(&mut self, settings: Congestion) {
+        self.cong.settings = settings;
+    }
+
+    /// Whether `congestion-extents` is checked (the driver then reports the
+    /// activity log's use before each write).
+    pub fn watches_al_in_use(&self) -> bool {
+        self.cong.settings.policy != CongestionPolicy::Block
+            && self.cong.settings.extents > 0
+            && self.protocol == Protocol::A
+    }
+
+    /// The driver reports the activity log's extents with writes in flight.
+    pub fn set_al_in_use(&mut self, extents: u32) {
+        self.cong.al_in_use = extents;
+    }
+
+    /// Bytes sent to the peer and not yet proven stable there (DRBD's `ap_in_flight`).
+    pub fn net_in_flight_bytes(&self) -> u64 {
+        self.cong.sent_pending_bytes + self.cong.tl_bytes
+    }
+
+    /// Times this node went Ahead of its peer since it started.
+    pub fn ahead_count(&self) -> u64 {
+        self.cong.ahead_count
+    }
+
+    /// Before a write is handed to the peer: checks the thresholds (protocol A,
+    /// `Connected`, a policy other than `block`).
+    fn check_congestion(&mut self, out: &mut Vec<Action>) {
+        let c = self.cong.settings;
+        if c.policy == CongestionPolicy::Block
+            || self.protocol != Protocol::A
+            || self.conn != ConnState::Connected
+        {
+            return;
+        }
+        let why = if c.fill_bytes > 0 && self.net_in_flight_bytes() >= c.fill_bytes {
+            "congestion-fill threshold reached"
+        } else if c.extents > 0 && self.cong.al_in_use >= c.extents {
+            "congestion-extents threshold reached"
+        } else {
+            return;
+        };
+        match c.policy {
+            CongestionPolicy::Block => {}
+            CongestionPolicy::PullAhead => {
+                tracing::warn!(
+                    in_flight_bytes = self.net_in_flight_bytes(),
+                    al_in_use = self.cong.al_in_use,
+                    "{why}: conn( Connected -> Ahead ), writes are marked out of sync and resynced later"
+                );
+                self.conn = ConnState::Ahead;
+                self.cong.drained_since_ms = None;
+                self.cong.resync_asked = false;
+                self.cong.ahead_count += 1;
+                out.push(Action::AnnounceState);
+            }
+            CongestionPolicy::Disconnect => {
+                if !self.cong.drop_asked {
+                    self.cong.drop_asked = true;
+                    tracing::warn!(
+                        in_flight_bytes = self.net_in_flight_bytes(),
+                        "{why}: on-congestion disconnect drops the connection"
+                    );
+                    out.push(Action::DropConnection { reason: why });
+                }
+            }
+        }
+    }
+
+    /// The peer announced it went Ahead of us: we are Behind, our data Outdated
+    /// until the resync it starts.
+    pub fn peer_went_ahead(&mut self) {
+        if self.conn != ConnState::Connected {
+            return;
+        }
+        tracing::warn!("conn( Connected -> Behind ) the peer pulled ahead");
+        self.conn = ConnState::Behind;
+        if self.disk == DiskState::UpToDate {
+            tracing::info!("disk( UpToDate -> Outdated ) Behind the peer");
+            self.disk = DiskState::Outdated;
+        }
+    }
+
+    /// On each tick: an Ahead Primary whose earlier writes were all acknowledged
+    /// asks for the resync after [`AHEAD_TO_SYNC_MS`].
+    fn congestion_tick(&mut self, out: &mut Vec<Action>) {
+        if self.conn != ConnState::Ahead || self.cong.resync_asked {
+            return;
+        }
+        if self.net_in_flight_bytes() > 0 {
+            self.cong.drained_since_ms = None;
+            return;
+        }
+        let since = *self.cong.drained_since_ms.get_or_insert(self.now_ms);
+        if self.now_ms >= since + AHEAD_TO_SYNC_MS {
+            self.cong.resync_asked = true;
+            tracing::info!("Ahead and every sent write acknowledged: starting the resync");
+            out.push(Action::StartResync);
+        }
+    }
+
+    /// The connection went: a new one starts from `Connected` again.
+    fn congestion_reset(&mut self) {
+        self.cong.tl_bytes = 0;
+        self.cong.drained_since_ms = None;
+        self.cong.resync_asked = false;
+        self.cong.drop_asked = false;
     }
 }
 

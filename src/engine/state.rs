@@ -58,6 +58,11 @@ pub enum ConnState {
     VerifyS,
     /// Connected, answering an online verify.
     VerifyT,
+    /// Connected, `on-congestion pull-ahead`: writes are marked out of sync instead
+    /// of sent, until a resync catches the peer up.
+    Ahead,
+    /// Connected, the peer is Ahead: our data is Outdated until its resync.
+    Behind,
 }
 
 macro_rules! display_as_debug {
@@ -88,6 +93,8 @@ impl ConnState {
                 | ConnState::SyncTarget
                 | ConnState::VerifyS
                 | ConnState::VerifyT
+                | ConnState::Ahead
+                | ConnState::Behind
         )
     }
 }

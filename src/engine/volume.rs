@@ -40,7 +40,9 @@ use crate::meta::bitmap::DirtyPages;
 use crate::meta::{self, Bitmap, GenerationUuids, MetaData, MetaError, Superblock};
 use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
+mod congestion;
 mod diskless;
+pub use self::congestion::LinkRequest;
 pub use self::diskless::{IoErrorHook, IoErrorPolicy, READ_ID_BIT};
 
 /// Largest request sent to the peer in one frame; larger writes are split.
@@ -164,6 +166,17 @@ pub const STATE_FLAG_SYNC_FULL: u32 = 4;
 pub const STATE_FLAG_VERIFY_START: u32 = 8;
 /// `State` frame flag: the sender's online verify ended.
 pub const STATE_FLAG_VERIFY_DONE: u32 = 16;
+/// `State` frame flag: the sender is Ahead (`on-congestion pull-ahead`): the
+/// receiver is Behind, its data Outdated until the sender's resync.
+pub const STATE_FLAG_AHEAD: u32 = 32;
+
+fn ahead_flag(conn: ConnState) -> u32 {
+    if conn == ConnState::Ahead {
+        STATE_FLAG_AHEAD
+    } else {
+        0
+    }
+}
 
 /// `Uuids` frame flag: the sender crashed while Primary (its AL extents are marked).
 pub const UUID_FLAG_CRASHED_PRIMARY: u64 = 1;
@@ -181,6 +194,8 @@ enum Deferred {
     /// will never answer it, so it is failed towards the peer (marked out of sync).
     SendRequest(Arc<dyn PeerTx>, Frame<Bytes>, ReqId),
     SubmitPeer(u64),
+    /// A frame that must not hold the application back (`OutOfSync` while Ahead).
+    SendDetached(Arc<dyn PeerTx>, Frame<Bytes>),
     /// Flush the local disk for the peer's barrier (a task of its own: later peer
     /// writes do not wait for it).
     BarrierFlush {
@@ -241,6 +256,8 @@ pub struct Volume {
     epoch: Instant,
     /// `on-io-error` and the Diskless mode (`diskless.rs`).
     diskless: diskless::Diskless,
+    /// `on-congestion` plumbing (`congestion.rs`).
+    congestion: congestion::VolumeCongestion,
 }
 
 impl std::fmt::Debug for Volume {
@@ -339,6 +356,7 @@ impl Volume {
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
             diskless: diskless::Diskless::default(),
+            congestion: congestion::VolumeCongestion::default(),
         })
     }
 
@@ -764,7 +782,7 @@ impl Volume {
         Frame::State {
             role: role_code(g.engine.role()),
             disk: disk_code(g.engine.disk()),
-            flags,
+            flags: flags | ahead_flag(g.engine.conn()),
             size_bytes: g.engine.size_bytes(),
         }
     }
@@ -1128,6 +1146,19 @@ impl Volume {
                 if flags & STATE_FLAG_VERIFY_DONE != 0 {
                     self.lock().peer_verifying = false;
                 }
+                if flags & STATE_FLAG_AHEAD != 0 {
+                    let changed = {
+                        let mut g = self.lock();
+                        let before = g.engine.conn();
+                        g.engine.peer_went_ahead();
+                        before != g.engine.conn()
+                    };
+                    if changed {
+                        // Our Outdated disk, for the peer's status; kept on disk too.
+                        self.meta_changed.notify_one();
+                        self.announce_state();
+                    }
+                }
                 if flags & STATE_FLAG_SYNC_START != 0 {
                     {
                         let mut g = self.lock();
@@ -1343,6 +1374,7 @@ impl Volume {
         while let Some(d) = work.pop_front() {
             match d {
                 Deferred::SubmitPeer(pid) => work.extend(self.apply_peer_request(pid).await),
+                Deferred::SendDetached(tx, frame) => self.congestion.send_detached(tx, frame),
                 Deferred::Send(tx, frame) => {
                     tx.send(frame).await;
                 }
@@ -1440,6 +1472,7 @@ impl Volume {
                         tx.send(frame).await;
                     });
                 }
+                Deferred::SendDetached(tx, frame) => self.congestion.send_detached(tx, frame),
                 Deferred::SubmitPeer(pid) => {
                     tracing::error!(pid, "peer request released outside the peer path");
                 }
@@ -1586,12 +1619,30 @@ impl Volume {
                         let frame = Frame::State {
                             role: role_code(inner.engine.role()),
                             disk: disk_code(inner.engine.disk()),
-                            flags: 0,
+                            flags: ahead_flag(inner.engine.conn()),
                             size_bytes: inner.engine.size_bytes(),
                         };
                         deferred.push(Deferred::Send(tx, frame));
                     }
                 }
+                Action::SendOutOfSync {
+                    offset_bytes,
+                    len_bytes,
+                } => {
+                    if let Some(tx) = inner.peer_tx.clone() {
+                        // Writes are split to at most MAX_TRIM_PIECE_BYTES (256 MiB)
+                        // before they reach the engine: the length fits.
+                        let frame = Frame::OutOfSync {
+                            offset_bytes,
+                            len: len_bytes.min(u64::from(u32::MAX)) as u32,
+                        };
+                        deferred.push(Deferred::SendDetached(tx, frame));
+                    }
+                }
+                Action::DropConnection { reason } => {
+                    self.congestion.request(LinkRequest::Drop(reason))
+                }
+                Action::StartResync => self.congestion.request(LinkRequest::StartResync),
             }
         }
         deferred
@@ -1632,6 +1683,9 @@ impl Volume {
                     done: Some(done_tx),
                 },
             );
+            if kind.is_write() && g.engine.watches_al_in_use() {
+                self.note_al_in_use(&mut g);
+            }
             let event = Event::Request {
                 id,
                 kind,
@@ -1648,7 +1702,14 @@ impl Volume {
         // While waiting for `go` (overlapping write), nothing is sent yet.
         let sends = self.send_all(deferred);
         let go = async { go_rx.await.is_ok() };
-        let (_, go) = tokio::join!(sends, go);
+        let (sent_to_peer, go) = tokio::join!(sends, go);
+        if go && sent_to_peer && kind.is_write() {
+            // The frame is queued for the connection's writer task, which now sits in
+            // this worker's run queue; a synchronous local write would run first and
+            // hold the frame back for its whole duration. Let the writer put the
+            // frame on the wire first, so the peer writes while we do.
+            tokio::task::yield_now().await;
+        }
         if go {
             // If this future is dropped mid-I/O (client gone), the guard still reports
             // a completion so the engine never keeps a request in flight forever.
@@ -1893,18 +1954,23 @@ impl Volume {
         }
     }
 
-    /// Sends deferred frames in order (awaiting queue space: back-pressure).
-    async fn send_all(&self, deferred: Vec<Deferred>) {
+    /// Sends deferred frames in order (awaiting queue space: back-pressure); true when
+    /// an application request was queued for the peer.
+    async fn send_all(&self, deferred: Vec<Deferred>) -> bool {
+        let mut request_sent = false;
         for d in deferred {
             match d {
                 Deferred::Send(tx, frame) => {
                     tx.send(frame).await;
                 }
                 Deferred::SendRequest(tx, frame, id) => {
-                    if !tx.send(frame).await {
+                    if tx.send(frame).await {
+                        request_sent = true;
+                    } else {
                         self.peer_send_failed(id);
                     }
                 }
+                Deferred::SendDetached(tx, frame) => self.congestion.send_detached(tx, frame),
                 Deferred::SubmitPeer(pid) => {
                     tracing::error!(pid, "peer request released on the application path");
                 }
@@ -1914,6 +1980,7 @@ impl Volume {
                 Deferred::PromoteDone(result) => self.promote_done(result),
             }
         }
+        request_sent
     }
 
     /// A request could not be handed to the peer: the peer will never write it.

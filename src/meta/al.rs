@@ -281,6 +281,8 @@ pub struct ActivityLog {
     extent_limit: u64,
     device_uuid: u64,
     hot: HashMap<u32, HotExtent>,
+    /// Hot extents with writes in flight.
+    in_use: u32,
     tick: u64,
     next_tr_number: u64,
 }
@@ -300,6 +302,7 @@ impl ActivityLog {
             extent_limit: extent_count(data_size_bytes),
             device_uuid: 0,
             hot: HashMap::with_capacity(al_extents as usize),
+            in_use: 0,
             tick: 0,
             next_tr_number: 1,
         })
@@ -484,8 +487,16 @@ impl ActivityLog {
         let h = self.hot.get_mut(&extent).ok_or_else(|| {
             MetaError::InvalidArgument(format!("begin_io on cold AL extent {extent}"))
         })?;
+        if h.in_flight == 0 {
+            self.in_use += 1;
+        }
         h.in_flight += 1;
         Ok(())
+    }
+
+    /// Hot extents with writes in flight (DRBD's `act_log->used`).
+    pub fn extents_in_use(&self) -> u32 {
+        self.in_use
     }
 
     /// A write to `extent` completed.
@@ -493,6 +504,9 @@ impl ActivityLog {
         match self.hot.get_mut(&extent) {
             Some(h) if h.in_flight > 0 => {
                 h.in_flight -= 1;
+                if h.in_flight == 0 {
+                    self.in_use -= 1;
+                }
                 Ok(())
             }
             _ => Err(MetaError::InvalidArgument(format!(

@@ -2,6 +2,8 @@
 //! `sync.rs`),
 //! compiled into the simulator as they are, so the simulator exercises the real code.
 
+#[path = "../../../src/engine/congestion.rs"]
+pub mod congestion;
 #[path = "../../../src/engine/core.rs"]
 pub mod core;
 #[path = "../../../src/engine/state.rs"]
