@@ -498,3 +498,89 @@ fn on_congestion_pull_ahead_then_resync() {
     adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
     data_areas_identical(&c, size);
 }
+
+/// `on-congestion disconnect`: the same stalled link makes the protocol A Primary
+/// drop the connection at `congestion-fill` instead of blocking; fio completes, and
+/// after the heal the reconnect resyncs what the peer missed.
+#[test]
+fn on_congestion_disconnect_then_resync() {
+    need_root();
+    need("fio", "fio");
+    let (c, to_beta, to_alpha, beta_conf) = proxied_with(
+        "congdisc",
+        "A",
+        "on-congestion disconnect; congestion-fill 1M;",
+    );
+    c.adm_ok("alpha", &["create-md", "r0"]);
+    adm_conf(&c, &beta_conf, "beta", &["create-md", "r0"]);
+    c.adm_ok("alpha", &["up", "r0"]);
+    adm_conf(&c, &beta_conf, "beta", &["up", "r0"]);
+    c.adm_ok("alpha", &["primary", "r0", "--force"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || in_sync(&c)),
+        "initial sync never finished: {}",
+        c.status("alpha")
+    );
+    to_beta.stall(Dir::ToTarget, true);
+    to_alpha.stall(Dir::FromTarget, true);
+    let uri = c.nbd_uri("alpha");
+    let fio = std::thread::spawn(move || {
+        run(
+            60,
+            "fio",
+            &[
+                "--name=cd",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=48M",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output=/dev/null",
+            ],
+        )
+    });
+    assert!(
+        wait_for(Duration::from_secs(10), || fio.is_finished()),
+        "fio did not finish while the link was stalled: {}\nalpha log:\n{}",
+        c.status("alpha"),
+        c.log_tail("alpha")
+    );
+    let out = fio.join().unwrap();
+    assert!(
+        out.status.success(),
+        "fio verify failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alpha_log =
+        std::fs::read_to_string(c.run_dir("alpha").join("rdbd.log")).unwrap_or_default();
+    assert!(
+        alpha_log.contains("on-congestion disconnect"),
+        "alpha did not drop the connection for congestion:\n{}",
+        c.log_tail("alpha")
+    );
+    assert!(c.status("alpha")["out_of_sync_bytes"].as_u64().unwrap() > 0);
+    to_beta.stall(Dir::ToTarget, false);
+    to_alpha.stall(Dir::FromTarget, false);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let s = c.status("alpha");
+            s["connection"] == "Connected"
+                && s["peer_disk"] == "UpToDate"
+                && s["out_of_sync_bytes"] == 0
+        }),
+        "alpha did not reconnect and resync after the heal: {}\nalpha log:\n{}\nbeta log:\n{}",
+        c.status("alpha"),
+        c.log_tail("alpha"),
+        c.log_tail("beta")
+    );
+    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
+    c.adm_ok("alpha", &["secondary", "r0"]);
+    c.adm_ok("alpha", &["down", "r0"]);
+    adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
+    data_areas_identical(&c, size);
+}
