@@ -492,6 +492,15 @@ fn on_congestion_pull_ahead_then_resync() {
         beta_log.contains("Behind -> SyncTarget"),
         "beta was not SyncTarget after Behind"
     );
+    // The same state as Prometheus metrics.
+    let prom = c.adm_ok("alpha", &["status", "r0", "--prometheus"]);
+    for want in [
+        "rdb_connected{resource=\"r0\",node=\"alpha\"} 1\n",
+        "rdb_out_of_sync_bytes{resource=\"r0\",node=\"alpha\"} 0\n",
+        "connection=\"Connected\"",
+    ] {
+        assert!(prom.contains(want), "{want} missing in:\n{prom}");
+    }
     let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
     c.adm_ok("alpha", &["secondary", "r0"]);
     c.adm_ok("alpha", &["down", "r0"]);

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Counters;
 
+mod metrics;
+pub use self::metrics::render_prometheus;
+
 /// Version of the control protocol.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// File name of the control socket inside the run dir.

@@ -122,6 +122,9 @@ enum Cmd {
         /// /proc/drbd-style output.
         #[arg(long)]
         proc: bool,
+        /// Prometheus text format (for node_exporter's textfile collector).
+        #[arg(long, conflicts_with_all = ["json", "proc", "watch"])]
+        prometheus: bool,
         /// More detail.
         #[arg(short, long)]
         verbose: bool,
@@ -526,6 +529,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resource,
             json,
             proc,
+            prometheus,
             verbose,
             watch,
         } => {
@@ -538,6 +542,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if proc {
                 print!("{}", render_proc(&list));
+            } else if prometheus {
+                print!("{}", control::render_prometheus(&list));
             } else {
                 print!("{}", render_status(&list, verbose));
             }
