@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::proxy::{Dir, Proxy};
@@ -199,6 +200,21 @@ fn proxied_with(
     (c, to_beta, to_alpha, beta_path)
 }
 
+/// Brings up a [`proxied`] pair, alpha Primary, and waits for the initial full sync.
+fn pair_up_proxied(c: &Cluster, beta_conf: &Path) {
+    c.adm_ok("alpha", &["create-md", "r0"]);
+    adm_conf(c, beta_conf, "beta", &["create-md", "r0"]);
+    c.adm_ok("alpha", &["up", "r0"]);
+    adm_conf(c, beta_conf, "beta", &["up", "r0"]);
+    c.adm_ok("alpha", &["primary", "r0", "--force"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || in_sync(c)),
+        "initial sync never finished: {}\nalpha log:\n{}",
+        c.status("alpha"),
+        c.log_tail("alpha")
+    );
+}
+
 fn adm_conf(c: &Cluster, conf: &std::path::Path, node: &str, args: &[&str]) -> String {
     let run_dir = c.run_dir(node);
     std::fs::create_dir_all(&run_dir).unwrap();
@@ -219,19 +235,7 @@ fn completion_rules_under_stalled_acks() {
     need_root();
     for proto in ["C", "A", "B"] {
         let (c, to_beta, to_alpha, beta_conf) = proxied(&format!("stall{proto}"), proto);
-        c.adm_ok("alpha", &["create-md", "r0"]);
-        adm_conf(&c, &beta_conf, "beta", &["create-md", "r0"]);
-        c.adm_ok("alpha", &["up", "r0"]);
-        adm_conf(&c, &beta_conf, "beta", &["up", "r0"]);
-        c.adm_ok("alpha", &["primary", "r0", "--force"]);
-        assert!(
-            wait_for(Duration::from_secs(30), || connected_to_secondary(&c)),
-            "{proto}: no connection"
-        );
-        assert!(
-            wait_for(Duration::from_secs(30), || in_sync(&c)),
-            "{proto}: initial sync never finished"
-        );
+        pair_up_proxied(&c, &beta_conf);
         // Stall everything beta sends to alpha (acks), whichever way the link was dialled.
         to_beta.stall(Dir::FromTarget, true);
         to_alpha.stall(Dir::ToTarget, true);
@@ -389,31 +393,16 @@ fn acknowledged_protocol_c_writes_survive_a_primary_kill() {
     eprintln!("{checked} acknowledged protocol C writes found on the Secondary after kill -9 of the Primary");
 }
 
-/// `on-congestion pull-ahead`: with the link to the peer stalled, a protocol A
-/// Primary goes Ahead once `congestion-fill` bytes are in flight, keeps completing
-/// writes locally (fio writes 48 MiB, far more than the send queue and socket
-/// buffers hold, which would block under `on-congestion block`), marks them out of
-/// sync, and after the heal resyncs them: Ahead/Behind -> SyncSource/SyncTarget ->
-/// Connected, disks identical.
-#[test]
-fn on_congestion_pull_ahead_then_resync() {
+/// A protocol A pair behind proxies with `extra_net`, in sync, then the link from
+/// alpha to beta stalled while fio writes 48 MiB of 4 KiB blocks with verify on alpha
+/// (far more than the send queue and socket buffers hold: under `on-congestion block`
+/// fio would wait for the peer). Asserts fio finished, and passed, with the link
+/// still stalled.
+fn fio_over_a_stalled_link(tag: &str, extra_net: &str) -> (Cluster, Proxy, Proxy, PathBuf) {
     need_root();
     need("fio", "fio");
-    let (c, to_beta, to_alpha, beta_conf) = proxied_with(
-        "pullahead",
-        "A",
-        "on-congestion pull-ahead; congestion-fill 1M;",
-    );
-    c.adm_ok("alpha", &["create-md", "r0"]);
-    adm_conf(&c, &beta_conf, "beta", &["create-md", "r0"]);
-    c.adm_ok("alpha", &["up", "r0"]);
-    adm_conf(&c, &beta_conf, "beta", &["up", "r0"]);
-    c.adm_ok("alpha", &["primary", "r0", "--force"]);
-    assert!(
-        wait_for(Duration::from_secs(30), || in_sync(&c)),
-        "initial sync never finished: {}",
-        c.status("alpha")
-    );
+    let (c, to_beta, to_alpha, beta_conf) = proxied_with(tag, "A", extra_net);
+    pair_up_proxied(&c, &beta_conf);
     // Stall what alpha sends to beta, whichever way the link was dialled.
     to_beta.stall(Dir::ToTarget, true);
     to_alpha.stall(Dir::FromTarget, true);
@@ -423,7 +412,7 @@ fn on_congestion_pull_ahead_then_resync() {
             60,
             "fio",
             &[
-                "--name=pa",
+                "--name=stalled",
                 "--ioengine=nbd",
                 &format!("--uri={uri}"),
                 "--rw=randwrite",
@@ -439,30 +428,42 @@ fn on_congestion_pull_ahead_then_resync() {
         )
     });
     let t0 = Instant::now();
-    let deadline = Duration::from_secs(10);
     assert!(
-        wait_for(deadline, || fio.is_finished()),
-        "fio did not finish while the link was stalled (writes blocked instead of pulling ahead): {}\nalpha log:\n{}",
+        wait_for(Duration::from_secs(10), || fio.is_finished()),
+        "fio did not finish while the link was stalled (writes blocked): {}\nalpha log:\n{}",
         c.status("alpha"),
         c.log_tail("alpha")
     );
     let out = fio.join().unwrap();
     assert!(
         out.status.success(),
-        "fio verify failed while Ahead: {}",
+        "fio verify failed with the link stalled: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let s = c.status("alpha");
-    assert_eq!(s["connection"], "Ahead", "alpha is not Ahead: {s}");
     assert!(
         s["out_of_sync_bytes"].as_u64().unwrap() > 0,
         "nothing marked: {s}"
     );
     eprintln!(
-        "fio finished in {:?} with the link stalled; alpha Ahead, {} bytes out of sync",
+        "{tag}: fio finished in {:?} with the link stalled; alpha {}, {} bytes out of sync",
         t0.elapsed(),
+        s["connection"],
         s["out_of_sync_bytes"]
     );
+    (c, to_beta, to_alpha, beta_conf)
+}
+
+/// Heals the stall of [`fio_over_a_stalled_link`], waits until alpha is Connected
+/// with nothing out of sync, runs `check`, takes both nodes down and compares the
+/// data areas.
+fn heal_and_converge(
+    c: &Cluster,
+    to_beta: &Proxy,
+    to_alpha: &Proxy,
+    beta_conf: &Path,
+    check: impl FnOnce(&Cluster),
+) {
     to_beta.stall(Dir::ToTarget, false);
     to_alpha.stall(Dir::FromTarget, false);
     assert!(
@@ -477,119 +478,62 @@ fn on_congestion_pull_ahead_then_resync() {
         c.log_tail("alpha"),
         c.log_tail("beta")
     );
-    let beta_log = std::fs::read_to_string(c.run_dir("beta").join("rdbd.log")).unwrap_or_default();
-    let alpha_log =
-        std::fs::read_to_string(c.run_dir("alpha").join("rdbd.log")).unwrap_or_default();
-    assert!(
-        alpha_log.contains("conn( Connected -> Ahead )"),
-        "no Ahead in alpha's log"
-    );
-    assert!(
-        beta_log.contains("conn( Connected -> Behind )"),
-        "no Behind in beta's log"
-    );
-    assert!(
-        beta_log.contains("Behind -> SyncTarget"),
-        "beta was not SyncTarget after Behind"
-    );
-    // The same state as Prometheus metrics.
-    let prom = c.adm_ok("alpha", &["status", "r0", "--prometheus"]);
-    for want in [
-        "rdb_connected{resource=\"r0\",node=\"alpha\"} 1\n",
-        "rdb_out_of_sync_bytes{resource=\"r0\",node=\"alpha\"} 0\n",
-        "connection=\"Connected\"",
-    ] {
-        assert!(prom.contains(want), "{want} missing in:\n{prom}");
-    }
+    check(c);
     let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
     c.adm_ok("alpha", &["secondary", "r0"]);
     c.adm_ok("alpha", &["down", "r0"]);
-    adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
-    data_areas_identical(&c, size);
+    adm_conf(c, beta_conf, "beta", &["down", "r0"]);
+    data_areas_identical(c, size);
 }
 
-/// `on-congestion disconnect`: the same stalled link makes the protocol A Primary
-/// drop the connection at `congestion-fill` instead of blocking; fio completes, and
-/// after the heal the reconnect resyncs what the peer missed.
+fn log_of(c: &Cluster, node: &str) -> String {
+    std::fs::read_to_string(c.run_dir(node).join("rdbd.log")).unwrap_or_default()
+}
+
+/// `on-congestion pull-ahead`: over the stalled link the Primary goes Ahead at
+/// `congestion-fill`, completes writes locally and marks them; after the heal,
+/// Ahead/Behind -> SyncSource/SyncTarget -> Connected, disks identical. (With
+/// `on-congestion block` instead, fio does not finish while stalled.)
+#[test]
+fn on_congestion_pull_ahead_then_resync() {
+    let (c, to_beta, to_alpha, beta_conf) =
+        fio_over_a_stalled_link("pullahead", "on-congestion pull-ahead; congestion-fill 1M;");
+    let s = c.status("alpha");
+    assert_eq!(s["connection"], "Ahead", "alpha is not Ahead: {s}");
+    heal_and_converge(&c, &to_beta, &to_alpha, &beta_conf, |c| {
+        assert!(log_of(c, "alpha").contains("conn( Connected -> Ahead )"));
+        let beta_log = log_of(c, "beta");
+        assert!(
+            beta_log.contains("conn( Connected -> Behind )"),
+            "beta never Behind"
+        );
+        assert!(
+            beta_log.contains("Behind -> SyncTarget"),
+            "beta not SyncTarget after Behind"
+        );
+        // The same state as Prometheus metrics.
+        let prom = c.adm_ok("alpha", &["status", "r0", "--prometheus"]);
+        for want in [
+            "rdb_connected{resource=\"r0\",node=\"alpha\"} 1\n",
+            "rdb_out_of_sync_bytes{resource=\"r0\",node=\"alpha\"} 0\n",
+            "connection=\"Connected\"",
+        ] {
+            assert!(prom.contains(want), "{want} missing in:\n{prom}");
+        }
+    });
+}
+
+/// `on-congestion disconnect`: the same stalled link makes the Primary drop the
+/// connection at `congestion-fill`; after the heal the reconnect resyncs what the
+/// peer missed.
 #[test]
 fn on_congestion_disconnect_then_resync() {
-    need_root();
-    need("fio", "fio");
-    let (c, to_beta, to_alpha, beta_conf) = proxied_with(
-        "congdisc",
-        "A",
-        "on-congestion disconnect; congestion-fill 1M;",
-    );
-    c.adm_ok("alpha", &["create-md", "r0"]);
-    adm_conf(&c, &beta_conf, "beta", &["create-md", "r0"]);
-    c.adm_ok("alpha", &["up", "r0"]);
-    adm_conf(&c, &beta_conf, "beta", &["up", "r0"]);
-    c.adm_ok("alpha", &["primary", "r0", "--force"]);
+    let (c, to_beta, to_alpha, beta_conf) =
+        fio_over_a_stalled_link("congdisc", "on-congestion disconnect; congestion-fill 1M;");
     assert!(
-        wait_for(Duration::from_secs(30), || in_sync(&c)),
-        "initial sync never finished: {}",
-        c.status("alpha")
-    );
-    to_beta.stall(Dir::ToTarget, true);
-    to_alpha.stall(Dir::FromTarget, true);
-    let uri = c.nbd_uri("alpha");
-    let fio = std::thread::spawn(move || {
-        run(
-            60,
-            "fio",
-            &[
-                "--name=cd",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=48M",
-                "--verify=crc32c",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output=/dev/null",
-            ],
-        )
-    });
-    assert!(
-        wait_for(Duration::from_secs(10), || fio.is_finished()),
-        "fio did not finish while the link was stalled: {}\nalpha log:\n{}",
-        c.status("alpha"),
-        c.log_tail("alpha")
-    );
-    let out = fio.join().unwrap();
-    assert!(
-        out.status.success(),
-        "fio verify failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let alpha_log =
-        std::fs::read_to_string(c.run_dir("alpha").join("rdbd.log")).unwrap_or_default();
-    assert!(
-        alpha_log.contains("on-congestion disconnect"),
+        log_of(&c, "alpha").contains("on-congestion disconnect"),
         "alpha did not drop the connection for congestion:\n{}",
         c.log_tail("alpha")
     );
-    assert!(c.status("alpha")["out_of_sync_bytes"].as_u64().unwrap() > 0);
-    to_beta.stall(Dir::ToTarget, false);
-    to_alpha.stall(Dir::FromTarget, false);
-    assert!(
-        wait_for(Duration::from_secs(60), || {
-            let s = c.status("alpha");
-            s["connection"] == "Connected"
-                && s["peer_disk"] == "UpToDate"
-                && s["out_of_sync_bytes"] == 0
-        }),
-        "alpha did not reconnect and resync after the heal: {}\nalpha log:\n{}\nbeta log:\n{}",
-        c.status("alpha"),
-        c.log_tail("alpha"),
-        c.log_tail("beta")
-    );
-    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
-    c.adm_ok("alpha", &["secondary", "r0"]);
-    c.adm_ok("alpha", &["down", "r0"]);
-    adm_conf(&c, &beta_conf, "beta", &["down", "r0"]);
-    data_areas_identical(&c, size);
+    heal_and_converge(&c, &to_beta, &to_alpha, &beta_conf, |_| {});
 }

@@ -77,23 +77,31 @@ mod tests {
     use crate::engine::core::{Action, Engine, Event, Protocol, ReqKind};
     use crate::engine::state::{ConnState, DiskState, Role};
 
-    fn primary(policy: CongestionPolicy, fill_bytes: u64) -> Engine {
-        let mut e = Engine::new(1 << 30, DiskState::UpToDate, Protocol::A);
-        e.set_congestion(Congestion {
-            policy,
-            fill_bytes,
-            extents: 0,
-        });
+    /// A node connected to a peer in `peer_role`, both UpToDate.
+    fn connected(protocol: Protocol, congestion: Congestion, peer_role: Role) -> Engine {
+        let mut e = Engine::new(1 << 30, DiskState::UpToDate, protocol);
+        e.set_congestion(congestion);
         let mut out = Vec::new();
         e.handle(0, Event::Connect, &mut out);
         e.handle(
             0,
             Event::PeerConnected {
-                role: Role::Secondary,
+                role: peer_role,
                 disk: DiskState::UpToDate,
             },
             &mut out,
         );
+        e
+    }
+
+    /// A protocol A Primary connected to an UpToDate Secondary.
+    fn primary(policy: CongestionPolicy, fill_bytes: u64) -> Engine {
+        let congestion = Congestion {
+            policy,
+            fill_bytes,
+            extents: 0,
+        };
+        let mut e = connected(Protocol::A, congestion, Role::Secondary);
         e.promote(false).expect("promote a connected UpToDate node");
         e
     }
@@ -207,21 +215,12 @@ mod tests {
             write(&mut e, 1, id, &mut out);
         }
         assert_eq!(e.conn(), ConnState::Connected);
-        let mut c = Engine::new(1 << 30, DiskState::UpToDate, Protocol::C);
-        c.set_congestion(Congestion {
+        let pull_ahead = Congestion {
             policy: CongestionPolicy::PullAhead,
             fill_bytes: 4096,
             extents: 0,
-        });
-        c.handle(0, Event::Connect, &mut out);
-        c.handle(
-            0,
-            Event::PeerConnected {
-                role: Role::Secondary,
-                disk: DiskState::UpToDate,
-            },
-            &mut out,
-        );
+        };
+        let mut c = connected(Protocol::C, pull_ahead, Role::Secondary);
         c.promote(false).expect("promote");
         for id in 1..=10 {
             write(&mut c, 1, id, &mut out);
@@ -231,17 +230,7 @@ mod tests {
 
     #[test]
     fn behind_peer_is_outdated_and_becomes_sync_target() {
-        let mut e = Engine::new(1 << 30, DiskState::UpToDate, Protocol::A);
-        let mut out = Vec::new();
-        e.handle(0, Event::Connect, &mut out);
-        e.handle(
-            0,
-            Event::PeerConnected {
-                role: Role::Primary,
-                disk: DiskState::UpToDate,
-            },
-            &mut out,
-        );
+        let mut e = connected(Protocol::A, Congestion::default(), Role::Primary);
         e.peer_went_ahead();
         assert_eq!(
             (e.conn(), e.disk()),
