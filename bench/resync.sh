@@ -8,6 +8,8 @@
 #  3. activity-log overhead: 4k randwrite QD32 inside the hot set (1 GiB, AL warm),
 #     `al-updates yes` vs `al-updates no`, interleaved rounds -> target < 3 %.
 # Writes results/resync.json and results/resync.md.
+# PARTS=1 (or 2, 3, 13...) runs only those figures while iterating; results are only
+# written when all three ran.
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || { echo "needs root"; exit 1; }
 "$ROOT/scripts/deps.sh"
@@ -40,8 +42,12 @@ CONF
 in_sync() { [ "$(jget alpha 'r["connection"]=="Connected" and r["peer_disk"]=="UpToDate" and r["out_of_sync_bytes"]==0')" = True ]; }
 wait_sync() { local deadline=$((SECONDS + $1)); until in_sync; do [ $SECONDS -lt $deadline ] || return 1; sleep 0.05; done; }
 now() { date +%s.%N; }
+PARTS=${PARTS:-123}
+part() { [[ $PARTS == *$1* ]]; }
+full_bps=0; read_bps=1; full_bytes=0; smart_s=0; oos=0; smart_bytes=0; al_tr=0; on=(0); off=(0)
 
 # 1. Full resync.
+if part 1; then
 conf 2G ""
 dd if=/dev/urandom of="$T/alpha.img" bs=1M count=1024 conv=notrunc status=none
 read_bps=$(fio --name=r --filename="$T/alpha.img" --rw=read --bs=1M --direct=1 --size=1G \
@@ -55,8 +61,10 @@ for n in alpha beta; do ADM $n down r0 >/dev/null; done
 cmp -n "$full_bytes" "$T/alpha.img" "$T/beta.img" >/dev/null || { echo "disks differ after the full sync"; exit 1; }
 full_bps=$(python3 -c "print(int($full_bytes/($t1-$t0)))")
 echo "full resync: $full_bytes bytes in $(python3 -c "print(round($t1-$t0,2))") s = $((full_bps/1048576)) MiB/s; backing file O_DIRECT sequential read $((read_bps/1048576)) MiB/s"
+fi
 
 # 2. Smart resync of 1 % of 10 GiB.
+if part 2; then
 conf 10G ""
 for n in alpha beta; do ADM $n create-md r0 --force >/dev/null; ADM $n up r0 >/dev/null; done
 deadline=$((SECONDS + 30)); until [ "$(jget beta 'r["connection"]')" = Connected ]; do [ $SECONDS -lt $deadline ] || exit 1; sleep 0.1; done
@@ -75,6 +83,7 @@ smart_s=$(python3 -c "print(round($t1-$t0,3))")
 smart_bytes=$(( $(jget alpha 'r["resync_bytes_total"]') - before ))
 ADM alpha secondary r0 >/dev/null; for n in alpha beta; do ADM $n down r0 >/dev/null; done
 echo "smart resync: $oos bytes out of sync ($blocks random 4k writes on $size bytes), $smart_bytes bytes sent in $smart_s s (connect to in sync)"
+fi
 
 # 3. Activity-log overhead inside the hot set (one node, no peer: only the AL differs).
 al_iops() { # al_iops yes|no -> IOPS of a warm randwrite QD32 run on the first 1 GiB
@@ -89,6 +98,7 @@ al_iops() { # al_iops yes|no -> IOPS of a warm randwrite QD32 run on the first 1
   ADM alpha secondary r0 >/dev/null; ADM alpha down r0 >/dev/null
   echo "${r%% *} $((al1 - al0))"
 }
+if part 3; then
 on=(); off=(); al_tr=0
 for i in $(seq "$ROUNDS"); do
   # Alternate which setting runs first: the second run of a round pays for the first
@@ -101,6 +111,8 @@ for i in $(seq "$ROUNDS"); do
   on+=("$a"); off+=("$b"); al_tr=$((al_tr + tr))
   echo "  round $i: al-updates yes $a IOPS ($tr AL transactions during the run), no $b IOPS"
 done
+fi
+[ "$PARTS" = 123 ] || exit 0
 python3 - "$RESULTS" "$full_bps" "$read_bps" "$full_bytes" "$smart_s" "$oos" "$smart_bytes" "$al_tr" "${on[*]}" "${off[*]}" <<'PY'
 import json, statistics, sys
 res, full_bps, read_bps, full_bytes, smart_s, oos, smart_bytes, al_tr = sys.argv[1], *map(float, sys.argv[2:9])

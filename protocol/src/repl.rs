@@ -226,8 +226,10 @@ pub mod cmd {
     pub const VERIFY_REPLY: u16 = 27;
     /// Disconnect.
     pub const DISCONNECT: u16 = 28;
+    /// ResyncZeroes.
+    pub const RESYNC_ZEROES: u16 = 29;
     /// Highest defined command code.
-    pub const LAST: u16 = DISCONNECT;
+    pub const LAST: u16 = RESYNC_ZEROES;
 }
 
 /// Fixed body bytes of a `Data` frame before the digest.
@@ -257,7 +259,7 @@ fn body_len_bounds(command: u16) -> Option<(usize, usize)> {
         cmd::STATE_CHANGE_REQUEST => (8, 8),
         cmd::STATE_CHANGE_REPLY => (3, 1 + s),
         cmd::BITMAP_CHUNK => (12, 12 + 8 * MAX_BITMAP_WORDS),
-        cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST => {
+        cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST | cmd::RESYNC_ZEROES => {
             (RANGE_FIXED_BYTES, RANGE_FIXED_BYTES)
         }
         cmd::RESYNC_DATA => (RANGE_FIXED_BYTES, RANGE_FIXED_BYTES + MAX_PAYLOAD_BYTES),
@@ -495,6 +497,16 @@ pub enum Frame<P = Vec<u8>> {
         /// Block data.
         payload: P,
     },
+    /// Resync data that reads as zeroes (DRBD 9's `rs_is_zero`): the SyncTarget
+    /// writes zeroes (it may deallocate), so both disks read the same.
+    ResyncZeroes {
+        /// Byte offset.
+        offset_bytes: u64,
+        /// Length in bytes.
+        len: u32,
+        /// Request id.
+        id: u64,
+    },
     /// The requested range is already equal (checksum-based resync).
     ResyncInSync {
         /// Byte offset.
@@ -576,6 +588,7 @@ impl<P> Frame<P> {
             Frame::ResyncRequest { .. } => cmd::RESYNC_REQUEST,
             Frame::ResyncData { .. } => cmd::RESYNC_DATA,
             Frame::ResyncInSync { .. } => cmd::RESYNC_IN_SYNC,
+            Frame::ResyncZeroes { .. } => cmd::RESYNC_ZEROES,
             Frame::ChecksumRequest { .. } => cmd::CHECKSUM_REQUEST,
             Frame::OutOfSync { .. } => cmd::OUT_OF_SYNC,
             Frame::VerifyRequest { .. } => cmd::VERIFY_REQUEST,
@@ -700,6 +713,15 @@ impl<P> Frame<P> {
                 len,
                 id,
             } => Frame::ResyncInSync {
+                offset_bytes,
+                len,
+                id,
+            },
+            Frame::ResyncZeroes {
+                offset_bytes,
+                len,
+                id,
+            } => Frame::ResyncZeroes {
                 offset_bytes,
                 len,
                 id,
@@ -862,6 +884,7 @@ impl<P: AsRef<[u8]>> Frame<P> {
             }
             Frame::ResyncRequest { .. }
             | Frame::ResyncInSync { .. }
+            | Frame::ResyncZeroes { .. }
             | Frame::VerifyRequest { .. } => RANGE_FIXED_BYTES,
             Frame::ResyncData { len, payload, .. } => {
                 let p = payload.as_ref().len();
@@ -1015,6 +1038,11 @@ impl<P: AsRef<[u8]>> Frame<P> {
                 id,
             }
             | Frame::ResyncInSync {
+                offset_bytes,
+                len,
+                id,
+            }
+            | Frame::ResyncZeroes {
                 offset_bytes,
                 len,
                 id,
@@ -1330,11 +1358,16 @@ impl Frame<Range<usize>> {
                 }
                 Frame::BitmapChunk { offset_bits, words }
             }
-            cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST => {
+            cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST | cmd::RESYNC_ZEROES => {
                 let offset_bytes = r.u64()?;
                 let id = r.u64()?;
                 let len = r.u32()?;
                 match h.command {
+                    cmd::RESYNC_ZEROES => Frame::ResyncZeroes {
+                        offset_bytes,
+                        len,
+                        id,
+                    },
                     cmd::RESYNC_REQUEST => Frame::ResyncRequest {
                         offset_bytes,
                         len,

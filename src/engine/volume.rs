@@ -1097,6 +1097,29 @@ impl Volume {
                     len_bytes: u64::from(len),
                 }
             }
+            Frame::ResyncZeroes {
+                offset_bytes,
+                len,
+                id,
+            } => {
+                let work = PeerWork {
+                    kind: ReqKind::Zeroes,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                    payload: None,
+                    fua: false,
+                    resync: true,
+                };
+                let mut g = self.lock();
+                g.peer_work.insert(id, work);
+                g.resync_bytes_total += u64::from(len);
+                Event::PeerRequest {
+                    peer_id: id,
+                    kind: ReqKind::Zeroes,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                }
+            }
             Frame::FlushAck { id } => Event::PeerProgressed {
                 id,
                 progress: PeerProgress::Written,
@@ -1659,7 +1682,7 @@ impl Volume {
                 // link, so the peer applies them after this (older) data.
                 result = match result {
                     Ok(Some(data)) if verify => self.send_verify(id, offset_bytes, data).await,
-                    Ok(Some(data)) => self.send_resync(id, offset_bytes, data).await,
+                    Ok(Some(data)) => self.send_resync(id, offset_bytes, len_bytes, data).await,
                     other => other,
                 };
             }
@@ -1685,13 +1708,19 @@ impl Volume {
         }
     }
 
+    /// Sends one resync chunk read by `local` (`data` empty: the range is a hole of
+    /// the backing file, it reads as zeroes).
     async fn send_resync(
         &self,
         id: ReqId,
         offset_bytes: u64,
+        len: u64,
         data: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, IoError> {
-        let len = data.len() as u64;
+        debug_assert!(data.is_empty() || data.len() as u64 == len);
+        // Zeroes go as a range without payload; the target writes zeroes, so both
+        // disks read the same (DRBD 9's rs_is_zero / P_RS_DEALLOCATED).
+        let zero = data.iter().all(|&b| b == 0);
         let tx = {
             let mut g = self.lock();
             let tx = g.peer_tx.clone();
@@ -1720,6 +1749,11 @@ impl Volume {
             }
         };
         let frame = match csums {
+            _ if zero => Frame::ResyncZeroes {
+                offset_bytes,
+                len: len as u32,
+                id,
+            },
             Some(alg) => Frame::ChecksumRequest {
                 offset_bytes,
                 len: len as u32,
@@ -1944,6 +1978,11 @@ impl Volume {
 
     async fn local(&self, offset_bytes: u64, op: LocalOp) -> Result<Option<Vec<u8>>, IoError> {
         match op {
+            LocalOp::Resync(len) if self.reads_as_zero(offset_bytes, len as u64).await => {
+                // A hole: nothing to read (reading holes through the page cache
+                // costs a memset per page); `send_resync` sends it as zeroes.
+                Ok(Some(Vec::new()))
+            }
             LocalOp::Read(len) | LocalOp::Resync(len) | LocalOp::Verify(len) => {
                 self.storage.read_at(offset_bytes, len).await.map(Some)
             }
@@ -1959,6 +1998,18 @@ impl Volume {
                 .write_zeroes(offset_bytes, len, unmap)
                 .await
                 .map(|_| None),
+        }
+    }
+
+    /// Whether the whole range is known to read as zeroes on the backing disk (a
+    /// hole by SEEK_DATA/SEEK_HOLE; block devices never say so). Errors mean no.
+    async fn reads_as_zero(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        match self.storage.block_status(offset_bytes, len_bytes).await {
+            Ok(extents) => {
+                extents.iter().all(|e| e.zero || e.hole)
+                    && extents.iter().map(|e| e.len_bytes).sum::<u64>() >= len_bytes
+            }
+            Err(_) => false,
         }
     }
 

@@ -150,6 +150,11 @@ fn gen_frame(rng: &mut Rng, command: u16) -> Frame {
             len: rng.next() as u32,
             id: rng.next(),
         },
+        cmd::RESYNC_ZEROES => Frame::ResyncZeroes {
+            offset_bytes: rng.next(),
+            len: rng.next() as u32,
+            id: rng.next(),
+        },
         cmd::CHECKSUM_REQUEST => Frame::ChecksumRequest {
             offset_bytes: rng.next(),
             len: rng.next() as u32,
