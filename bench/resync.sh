@@ -57,6 +57,7 @@ t0=$(now); ADM alpha primary r0 --force >/dev/null
 wait_sync 300 || { echo "full sync did not finish"; exit 1; }
 t1=$(now)
 full_bytes=$(jget alpha 'r["resync_bytes_total"]')
+grep -ho "resync done.*" "$T/run-alpha/rdbd.log" | tail -1 || true
 for n in alpha beta; do ADM $n down r0 >/dev/null; done
 cmp -n "$full_bytes" "$T/alpha.img" "$T/beta.img" >/dev/null || { echo "disks differ after the full sync"; exit 1; }
 full_bps=$(python3 -c "print(int($full_bytes/($t1-$t0)))")
