@@ -228,8 +228,10 @@ pub mod cmd {
     pub const DISCONNECT: u16 = 28;
     /// ResyncZeroes.
     pub const RESYNC_ZEROES: u16 = 29;
+    /// NetSettings.
+    pub const NET_SETTINGS: u16 = 30;
     /// Highest defined command code.
-    pub const LAST: u16 = RESYNC_ZEROES;
+    pub const LAST: u16 = NET_SETTINGS;
 }
 
 /// Fixed body bytes of a `Data` frame before the digest.
@@ -269,6 +271,7 @@ fn body_len_bounds(command: u16) -> Option<(usize, usize)> {
         ),
         cmd::OUT_OF_SYNC => (12, 12),
         cmd::DISCONNECT => (2, s),
+        cmd::NET_SETTINGS => (8 + 2, 8 + s),
         _ => return None,
     };
     debug_assert!(b.1 <= MAX_BODY_BYTES);
@@ -559,7 +562,27 @@ pub enum Frame<P = Vec<u8>> {
         /// Why.
         reason: String,
     },
+    /// The net settings both nodes must agree on (DRBD's P_PROTOCOL), sent once by
+    /// each side at the end of the handshake. Codes are indexes into the
+    /// configuration keyword lists; the receiver compares (see `docs/protocol.md`).
+    NetSettings {
+        /// Replication protocol: `b'A'`, `b'B'` or `b'C'`.
+        protocol: u8,
+        /// `after-sb-0pri` code.
+        after_sb_0pri: u8,
+        /// `after-sb-1pri` code.
+        after_sb_1pri: u8,
+        /// `after-sb-2pri` code.
+        after_sb_2pri: u8,
+        /// Bits: [`NET_ALLOW_TWO_PRIMARIES`].
+        flags: u32,
+        /// `data-integrity-alg` (empty: none).
+        integrity_alg: String,
+    },
 }
+
+/// `NetSettings` flag: `allow-two-primaries yes`.
+pub const NET_ALLOW_TWO_PRIMARIES: u32 = 1 << 0;
 
 impl<P> Frame<P> {
     /// The command code of this frame.
@@ -594,6 +617,7 @@ impl<P> Frame<P> {
             Frame::VerifyRequest { .. } => cmd::VERIFY_REQUEST,
             Frame::VerifyReply { .. } => cmd::VERIFY_REPLY,
             Frame::Disconnect { .. } => cmd::DISCONNECT,
+            Frame::NetSettings { .. } => cmd::NET_SETTINGS,
         }
     }
 
@@ -759,6 +783,21 @@ impl<P> Frame<P> {
                 digest,
             },
             Frame::Disconnect { reason } => Frame::Disconnect { reason },
+            Frame::NetSettings {
+                protocol,
+                after_sb_0pri,
+                after_sb_1pri,
+                after_sb_2pri,
+                flags,
+                integrity_alg,
+            } => Frame::NetSettings {
+                protocol,
+                after_sb_0pri,
+                after_sb_1pri,
+                after_sb_2pri,
+                flags,
+                integrity_alg,
+            },
         }
     }
 }
@@ -902,6 +941,7 @@ impl<P: AsRef<[u8]>> Frame<P> {
             }
             Frame::OutOfSync { .. } => 12,
             Frame::Disconnect { reason } => str_bytes(reason)?,
+            Frame::NetSettings { integrity_alg, .. } => 8 + str_bytes(integrity_alg)?,
         };
         Ok(n)
     }
@@ -1085,6 +1125,18 @@ impl<P: AsRef<[u8]>> Frame<P> {
                 put_u32(out, *len);
             }
             Frame::Disconnect { reason } => put_str(out, reason),
+            Frame::NetSettings {
+                protocol,
+                after_sb_0pri,
+                after_sb_1pri,
+                after_sb_2pri,
+                flags,
+                integrity_alg,
+            } => {
+                out.extend_from_slice(&[*protocol, *after_sb_0pri, *after_sb_1pri, *after_sb_2pri]);
+                put_u32(out, *flags);
+                put_str(out, integrity_alg);
+            }
         }
         assert_eq!(
             out.len() - start,
@@ -1428,6 +1480,14 @@ impl Frame<Range<usize>> {
             },
             cmd::DISCONNECT => Frame::Disconnect {
                 reason: r.string()?,
+            },
+            cmd::NET_SETTINGS => Frame::NetSettings {
+                protocol: r.u8()?,
+                after_sb_0pri: r.u8()?,
+                after_sb_1pri: r.u8()?,
+                after_sb_2pri: r.u8()?,
+                flags: r.u32()?,
+                integrity_alg: r.string()?,
             },
             other => return Err(FrameError::UnknownCommand(other)),
         };

@@ -179,6 +179,14 @@ fn gen_frame(rng: &mut Rng, command: u16) -> Frame {
         cmd::DISCONNECT => Frame::Disconnect {
             reason: rng.string(),
         },
+        cmd::NET_SETTINGS => Frame::NetSettings {
+            protocol: rng.next() as u8,
+            after_sb_0pri: rng.next() as u8,
+            after_sb_1pri: rng.next() as u8,
+            after_sb_2pri: rng.next() as u8,
+            flags: rng.next() as u32,
+            integrity_alg: rng.string(),
+        },
         other => panic!("no generator for command {other}"),
     }
 }
