@@ -1410,7 +1410,10 @@ impl Frame<Range<usize>> {
                 }
                 Frame::BitmapChunk { offset_bits, words }
             }
-            cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST | cmd::RESYNC_ZEROES => {
+            cmd::RESYNC_REQUEST
+            | cmd::RESYNC_IN_SYNC
+            | cmd::VERIFY_REQUEST
+            | cmd::RESYNC_ZEROES => {
                 let offset_bytes = r.u64()?;
                 let id = r.u64()?;
                 let len = r.u32()?;

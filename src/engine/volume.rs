@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -41,6 +41,7 @@ use crate::meta::{self, Bitmap, GenerationUuids, MetaData, MetaError, Superblock
 use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
 mod diskless;
+mod sync_target;
 pub use self::diskless::{IoErrorHook, IoErrorPolicy, READ_ID_BIT};
 
 /// Largest request sent to the peer in one frame; larger writes are split.
@@ -238,6 +239,9 @@ pub struct Volume {
     /// Woken when meta-data changed in memory (UUIDs, flags, bitmap to write).
     meta_changed: tokio::sync::Notify,
     next_id: AtomicU64,
+    /// The role was Primary after the last engine step (a hint read without the
+    /// lock on the write path; `false` is checked under the lock).
+    primary_hint: AtomicBool,
     epoch: Instant,
     /// `on-io-error` and the Diskless mode (`diskless.rs`).
     diskless: diskless::Diskless,
@@ -337,6 +341,7 @@ impl Volume {
             md: meta.md,
             meta_changed: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
+            primary_hint: AtomicBool::new(false),
             epoch: Instant::now(),
             diskless: diskless::Diskless::default(),
         })
@@ -707,7 +712,12 @@ impl Volume {
         let Some(al) = &self.al else {
             return Ok(None);
         };
-        if self.lock().engine.role() != Role::Primary || len_bytes == 0 {
+        // The hint saves taking the volume lock once more per write; a stale
+        // `true` only costs a hold on a write the engine refuses anyway.
+        if len_bytes == 0
+            || !self.primary_hint.load(Ordering::Relaxed)
+                && self.lock().engine.role() != Role::Primary
+        {
             return Ok(None);
         }
         al.begin(offset_bytes, len_bytes, || async {
@@ -1429,6 +1439,11 @@ impl Volume {
             None => Err(libc::ECANCELED),
             Some((kind, offset, len, payload, fua, resync)) => {
                 let r = match kind {
+                    ReqKind::Write if resync => match payload {
+                        Some(data) => self.apply_resync_write(offset, len, Some(data)).await,
+                        None => Err(IoError::Invalid("peer write without payload".into())),
+                    },
+                    ReqKind::Zeroes if resync => self.apply_resync_write(offset, len, None).await,
                     ReqKind::Write => match payload {
                         Some(data) => self.storage.write_at(offset, data, fua).await,
                         None => Err(IoError::Invalid("peer write without payload".into())),
@@ -1479,6 +1494,8 @@ impl Volume {
     fn step(&self, g: &mut Inner, event: Event) -> Vec<Deferred> {
         let mut actions = Vec::with_capacity(3);
         g.engine.handle(self.now_ms(), event, &mut actions);
+        self.primary_hint
+            .store(g.engine.role() == Role::Primary, Ordering::Relaxed);
         self.run_actions(g, &mut actions)
     }
 
@@ -1643,6 +1660,9 @@ impl Volume {
         };
         let deferred = {
             let mut g = self.lock();
+            if matches!(kind, ReqKind::Write | ReqKind::Zeroes) {
+                Self::sync_target_written(&mut g, offset_bytes, len_bytes);
+            }
             g.slots.insert(
                 id,
                 Slot {
@@ -1978,6 +1998,9 @@ impl Volume {
 
     async fn local(&self, offset_bytes: u64, op: LocalOp) -> Result<Option<Vec<u8>>, IoError> {
         match op {
+            LocalOp::Read(len) if let Some(r) = self.sync_target_read(offset_bytes, len).await => {
+                r.map(Some)
+            }
             LocalOp::Resync(len) if self.reads_as_zero(offset_bytes, len as u64).await => {
                 // A hole: nothing to read (reading holes through the page cache
                 // costs a memset per page); `send_resync` sends it as zeroes.
@@ -2063,8 +2086,10 @@ impl BlockIo for Volume {
 
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            self.check_range(offset, data.len() as u64)?;
+            // A Primary SyncTarget writes out-of-sync blocks whole.
+            let (offset, data) = self.sync_target_widen_write(offset, data).await?;
             let len = data.len() as u64;
-            self.check_range(offset, len)?;
             // Split to the peer's frame limit; the pieces do not overlap, so the
             // engine runs them side by side.
             let mut done = 0u64;
@@ -2126,6 +2151,9 @@ impl BlockIo for Volume {
                 let g = self.lock();
                 if g.engine.role() != Role::Primary {
                     return Err(self.refusal_error(Refusal::NotPrimary(g.engine.role())));
+                }
+                if let Some(extents) = Self::sync_target_block_status(&g, offset, len) {
+                    return Ok(extents);
                 }
             }
             self.storage.block_status(offset, len).await

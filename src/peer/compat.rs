@@ -102,7 +102,10 @@ impl NetCompat {
             let peer = Protocol::ALL
                 .iter()
                 .find(|(s, _)| s.as_bytes()[0] == *protocol)
-                .map_or_else(|| format!("unknown code {protocol}"), |(s, _)| (*s).to_owned());
+                .map_or_else(
+                    || format!("unknown code {protocol}"),
+                    |(s, _)| (*s).to_owned(),
+                );
             return Err(incompatible("protocol", ours, &peer));
         }
         // The peer's discard-local is our discard-remote (DRBD's convert_after_sb).
@@ -146,7 +149,13 @@ impl NetCompat {
         }
         let ours_alg = self.integrity_alg.as_deref().unwrap_or("");
         if ours_alg != integrity_alg.as_str() {
-            let show = |s: &str| if s.is_empty() { "none".to_owned() } else { s.to_owned() };
+            let show = |s: &str| {
+                if s.is_empty() {
+                    "none".to_owned()
+                } else {
+                    s.to_owned()
+                }
+            };
             return Err(incompatible(
                 "data-integrity-alg",
                 &show(ours_alg),
