@@ -158,7 +158,7 @@ md = f"""| figure | measured | target |
 |---|---|---|
 | full resync | {full_bps/2**20:.0f} MiB/s ({full_bytes/2**20:.0f} MiB) | >= {full_target/2**20:.0f} MiB/s (min of 1 GiB/s and 90 % of the {read_bps/2**20:.0f} MiB/s O_DIRECT read) |
 | smart resync, 1 % of 10 GiB dirty | {smart_s:.2f} s ({smart_bytes/2**20:.1f} MiB sent) | < 2 s |
-| AL overhead, 4k randwrite QD32 in the hot set | {overhead:.1f} % IOPS (median of {len(on)} paired rounds; medians {mon:.0f} vs {moff:.0f} IOPS); CPU per write {cpu_overhead:+.1f} % ({statistics.median(on_cpu):.0f} vs {statistics.median(off_cpu):.0f} ns); {al_tr:.0f} AL writes | < 3 % |
+| AL overhead, 4k randwrite QD32 in the hot set | {overhead:.1f} % IOPS (median of {len(on)} paired rounds; medians {mon:.0f} vs {moff:.0f} IOPS); rdbd CPU per write {cpu_overhead:+.1f} % ({statistics.median(on_cpu):.0f} vs {statistics.median(off_cpu):.0f} ns; schedstat of live threads only, blocking-pool threads that exit are missed: indicative); {al_tr:.0f} AL writes | < 3 % |
 """
 open(f"{res}/resync.md", "w").write(md)
 print(md)

@@ -2001,7 +2001,10 @@ impl Volume {
             LocalOp::Read(len) if let Some(r) = self.sync_target_read(offset_bytes, len).await => {
                 r.map(Some)
             }
-            LocalOp::Resync(len) if self.reads_as_zero(offset_bytes, len as u64).await => {
+            LocalOp::Resync(len)
+                if len as u64 >= ZERO_CHECK_MIN_BYTES
+                    && self.reads_as_zero(offset_bytes, len as u64).await =>
+            {
                 // A hole: nothing to read (reading holes through the page cache
                 // costs a memset per page); `send_resync` sends it as zeroes.
                 Ok(Some(Vec::new()))
@@ -2045,6 +2048,11 @@ impl Volume {
         IoError::check_range(offset_bytes, len_bytes, self.storage.size_bytes())
     }
 }
+
+/// Smallest resync chunk whose allocation is asked before it is read: for the
+/// scattered small chunks of a smart resync the extra lseek costs more than the
+/// read it might save.
+const ZERO_CHECK_MIN_BYTES: u64 = 64 * 1024;
 
 /// Locks shared meta-data; a poisoned lock (a panic while holding it) still holds a
 /// coherent copy: the writers replace whole fields.
