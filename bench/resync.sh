@@ -36,7 +36,7 @@ resource r0 {
     meta-disk internal;
     frontend none;
     disk { c-max-rate 4G; $2 }
-    # Redial every second: the smart resync's time starts at `connect`, and with
+    # Redial every second: the smart resync time starts at rdbadm connect, and with
     # the default 10 s it measured when the dialler next woke up.
     net { connect-int 1; }
     on alpha { disk $T/alpha.img; address 127.0.0.1:$P; }
