@@ -41,6 +41,7 @@ fn settings(name: &str, peer: &str, listen: SocketAddr, peer_addr: SocketAddr) -
         rcvbuf_size_bytes: 0,
         max_buffers: 256,
         volumes: 1,
+        compat: Default::default(),
     }
 }
 
@@ -304,6 +305,36 @@ async fn wrong_secret_never_connects_and_reports_auth_failed_on_both_sides() {
 }
 
 #[tokio::test]
+async fn incompatible_after_sb_policies_are_refused_with_drbds_text() {
+    use rdb::config::AfterSb0Pri;
+    let mut p = pair().await;
+    p.a.compat.after_sb_0pri = AfterSb0Pri::DiscardLeastChanges;
+    let (sa, sb) =
+        run_failing_pair(&p, PeerErrorKind::Incompatible, PeerErrorKind::Incompatible).await;
+    let text = sa.get().last_error.unwrap_or_default();
+    assert!(
+        text.contains("incompatible after-sb-0pri settings"),
+        "{text}"
+    );
+    let text = sb.get().last_error.unwrap_or_default();
+    assert!(
+        text.contains("incompatible after-sb-0pri settings"),
+        "{text}"
+    );
+    // discard-local here and discard-remote there name the same victim: agreed.
+    let mut p = pair().await;
+    p.a.compat.after_sb_0pri = AfterSb0Pri::DiscardLocal;
+    p.b.compat.after_sb_0pri = AfterSb0Pri::DiscardRemote;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (a, b) = tokio::join!(
+        rdb::peer::connect(&p.a, &p.la, stop_rx.clone()),
+        rdb::peer::connect(&p.b, &p.lb, stop_rx)
+    );
+    drop(stop_tx);
+    assert!(a.is_ok() && b.is_ok(), "{:?} / {:?}", a.err(), b.err());
+}
+
+#[tokio::test]
 async fn auth_on_one_side_only_is_refused_both_ways() {
     let mut p = pair().await;
     p.a.auth = auth("x");
@@ -372,6 +403,25 @@ async fn fake_alpha(addr: SocketAddr, proto: (u32, u32)) -> (TcpStream, Vec<u8>,
     let next = if proto.0 > 1 {
         raw_read(&mut s, &mut buf).await
     } else {
+        // The net settings both sides compare (DRBD's defaults on both).
+        let mut out = Vec::new();
+        encode(
+            &Frame::NetSettings {
+                protocol: b'C',
+                after_sb_0pri: 0,
+                after_sb_1pri: 0,
+                after_sb_2pri: 0,
+                flags: 0,
+                integrity_alg: String::new(),
+            },
+            &mut out,
+        );
+        s.write_all(&out).await.unwrap();
+        let settings = raw_read(&mut s, &mut buf).await;
+        assert!(
+            matches!(settings, Some(Frame::NetSettings { .. })),
+            "{settings:?}"
+        );
         None
     };
     (s, buf, next)

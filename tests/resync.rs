@@ -571,3 +571,93 @@ fn invalidate_invalidate_remote_and_outdate() {
         sha256_of(&c.img("beta"), Some(size))
     );
 }
+
+#[test]
+fn a_sync_target_can_be_primary_reads_come_from_the_peer() {
+    need_root();
+    need("qemu-img", "qemu-utils");
+    // 5 MiB/s over 64 MiB: the full sync lasts ~13 s, long enough to switch roles
+    // and read the whole device on the SyncTarget.
+    let c = Cluster::with_sections("stprimary", "C", "64M", "", "disk { resync-rate 5M; }");
+    run_ok(
+        60,
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", c.img("alpha").display()),
+            "bs=1M",
+            "count=48",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    for n in ["alpha", "beta"] {
+        c.adm_ok(n, &["create-md", "r0", "--force"]);
+        c.adm_ok(n, &["up", "r0"]);
+    }
+    c.adm_ok("alpha", &["primary", "r0", "--force"]);
+    let size = data_size(&c);
+    assert!(
+        wait_for(Duration::from_secs(30), || status_of(&c, "beta")
+            ["connection"]
+            == "SyncTarget"),
+        "beta never became SyncTarget: {}",
+        status_of(&c, "beta")
+    );
+    let want = sha256_of(&c.img("alpha"), Some(size));
+    c.adm_ok("alpha", &["secondary", "r0"]);
+    c.adm_ok("beta", &["primary", "r0"]);
+    let b = status_of(&c, "beta");
+    assert_eq!(b["role"], "Primary", "{b}");
+    assert_eq!(
+        b["connection"], "SyncTarget",
+        "promoted after the sync ended: {b}"
+    );
+    assert_eq!(b["disk"], "Inconsistent", "{b}");
+    // The whole device through beta's NBD export, while beta is still SyncTarget.
+    let copy = c.dir.join("beta-read.img");
+    run_ok(
+        120,
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &c.nbd_uri("beta"),
+            &copy.display().to_string(),
+        ],
+    );
+    let b = status_of(&c, "beta");
+    assert_eq!(
+        b["connection"], "SyncTarget",
+        "the sync ended before the read did: the test proves nothing: {b}"
+    );
+    assert_eq!(
+        sha256_of(&copy, Some(size)),
+        want,
+        "beta (SyncTarget, Primary) did not read what alpha has"
+    );
+    // Writes on the Primary SyncTarget: whole blocks and a partial one (the rest of
+    // that block comes from the peer).
+    qemu_io(&c, "beta", "write -P 0xab 1M 64k");
+    qemu_io(&c, "beta", "write -P 0xcd 40965 3000");
+    wait_in_sync(&c, 60, "resync with a Primary SyncTarget");
+    let _ = c.adm("beta", &["secondary", "r0"]);
+    c.adm_ok("alpha", &["down", "r0"]);
+    c.adm_ok("beta", &["down", "r0"]);
+    for n in ["alpha", "beta"] {
+        assert_eq!(
+            read_at(&c.img(n), MIB, 64 * 1024),
+            vec![0xab; 64 * 1024],
+            "{n}"
+        );
+        assert_eq!(read_at(&c.img(n), 40965, 3000), vec![0xcd; 3000], "{n}");
+    }
+    assert_eq!(
+        sha256_of(&c.img("alpha"), Some(size)),
+        sha256_of(&c.img("beta"), Some(size)),
+        "the data areas of the two backing disks differ"
+    );
+}

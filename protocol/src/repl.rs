@@ -226,8 +226,12 @@ pub mod cmd {
     pub const VERIFY_REPLY: u16 = 27;
     /// Disconnect.
     pub const DISCONNECT: u16 = 28;
+    /// ResyncZeroes.
+    pub const RESYNC_ZEROES: u16 = 29;
+    /// NetSettings.
+    pub const NET_SETTINGS: u16 = 30;
     /// Highest defined command code.
-    pub const LAST: u16 = DISCONNECT;
+    pub const LAST: u16 = NET_SETTINGS;
 }
 
 /// Fixed body bytes of a `Data` frame before the digest.
@@ -257,7 +261,7 @@ fn body_len_bounds(command: u16) -> Option<(usize, usize)> {
         cmd::STATE_CHANGE_REQUEST => (8, 8),
         cmd::STATE_CHANGE_REPLY => (3, 1 + s),
         cmd::BITMAP_CHUNK => (12, 12 + 8 * MAX_BITMAP_WORDS),
-        cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST => {
+        cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST | cmd::RESYNC_ZEROES => {
             (RANGE_FIXED_BYTES, RANGE_FIXED_BYTES)
         }
         cmd::RESYNC_DATA => (RANGE_FIXED_BYTES, RANGE_FIXED_BYTES + MAX_PAYLOAD_BYTES),
@@ -267,6 +271,7 @@ fn body_len_bounds(command: u16) -> Option<(usize, usize)> {
         ),
         cmd::OUT_OF_SYNC => (12, 12),
         cmd::DISCONNECT => (2, s),
+        cmd::NET_SETTINGS => (8 + 2, 8 + s),
         _ => return None,
     };
     debug_assert!(b.1 <= MAX_BODY_BYTES);
@@ -495,6 +500,16 @@ pub enum Frame<P = Vec<u8>> {
         /// Block data.
         payload: P,
     },
+    /// Resync data that reads as zeroes (DRBD 9's `rs_is_zero`): the SyncTarget
+    /// writes zeroes (it may deallocate), so both disks read the same.
+    ResyncZeroes {
+        /// Byte offset.
+        offset_bytes: u64,
+        /// Length in bytes.
+        len: u32,
+        /// Request id.
+        id: u64,
+    },
     /// The requested range is already equal (checksum-based resync).
     ResyncInSync {
         /// Byte offset.
@@ -547,7 +562,27 @@ pub enum Frame<P = Vec<u8>> {
         /// Why.
         reason: String,
     },
+    /// The net settings both nodes must agree on (DRBD's P_PROTOCOL), sent once by
+    /// each side at the end of the handshake. Codes are indexes into the
+    /// configuration keyword lists; the receiver compares (see `docs/protocol.md`).
+    NetSettings {
+        /// Replication protocol: `b'A'`, `b'B'` or `b'C'`.
+        protocol: u8,
+        /// `after-sb-0pri` code.
+        after_sb_0pri: u8,
+        /// `after-sb-1pri` code.
+        after_sb_1pri: u8,
+        /// `after-sb-2pri` code.
+        after_sb_2pri: u8,
+        /// Bits: [`NET_ALLOW_TWO_PRIMARIES`].
+        flags: u32,
+        /// `data-integrity-alg` (empty: none).
+        integrity_alg: String,
+    },
 }
+
+/// `NetSettings` flag: `allow-two-primaries yes`.
+pub const NET_ALLOW_TWO_PRIMARIES: u32 = 1 << 0;
 
 impl<P> Frame<P> {
     /// The command code of this frame.
@@ -576,11 +611,13 @@ impl<P> Frame<P> {
             Frame::ResyncRequest { .. } => cmd::RESYNC_REQUEST,
             Frame::ResyncData { .. } => cmd::RESYNC_DATA,
             Frame::ResyncInSync { .. } => cmd::RESYNC_IN_SYNC,
+            Frame::ResyncZeroes { .. } => cmd::RESYNC_ZEROES,
             Frame::ChecksumRequest { .. } => cmd::CHECKSUM_REQUEST,
             Frame::OutOfSync { .. } => cmd::OUT_OF_SYNC,
             Frame::VerifyRequest { .. } => cmd::VERIFY_REQUEST,
             Frame::VerifyReply { .. } => cmd::VERIFY_REPLY,
             Frame::Disconnect { .. } => cmd::DISCONNECT,
+            Frame::NetSettings { .. } => cmd::NET_SETTINGS,
         }
     }
 
@@ -704,6 +741,15 @@ impl<P> Frame<P> {
                 len,
                 id,
             },
+            Frame::ResyncZeroes {
+                offset_bytes,
+                len,
+                id,
+            } => Frame::ResyncZeroes {
+                offset_bytes,
+                len,
+                id,
+            },
             Frame::ChecksumRequest {
                 offset_bytes,
                 len,
@@ -737,6 +783,21 @@ impl<P> Frame<P> {
                 digest,
             },
             Frame::Disconnect { reason } => Frame::Disconnect { reason },
+            Frame::NetSettings {
+                protocol,
+                after_sb_0pri,
+                after_sb_1pri,
+                after_sb_2pri,
+                flags,
+                integrity_alg,
+            } => Frame::NetSettings {
+                protocol,
+                after_sb_0pri,
+                after_sb_1pri,
+                after_sb_2pri,
+                flags,
+                integrity_alg,
+            },
         }
     }
 }
@@ -862,6 +923,7 @@ impl<P: AsRef<[u8]>> Frame<P> {
             }
             Frame::ResyncRequest { .. }
             | Frame::ResyncInSync { .. }
+            | Frame::ResyncZeroes { .. }
             | Frame::VerifyRequest { .. } => RANGE_FIXED_BYTES,
             Frame::ResyncData { len, payload, .. } => {
                 let p = payload.as_ref().len();
@@ -879,6 +941,7 @@ impl<P: AsRef<[u8]>> Frame<P> {
             }
             Frame::OutOfSync { .. } => 12,
             Frame::Disconnect { reason } => str_bytes(reason)?,
+            Frame::NetSettings { integrity_alg, .. } => 8 + str_bytes(integrity_alg)?,
         };
         Ok(n)
     }
@@ -1019,6 +1082,11 @@ impl<P: AsRef<[u8]>> Frame<P> {
                 len,
                 id,
             }
+            | Frame::ResyncZeroes {
+                offset_bytes,
+                len,
+                id,
+            }
             | Frame::VerifyRequest {
                 offset_bytes,
                 len,
@@ -1057,6 +1125,18 @@ impl<P: AsRef<[u8]>> Frame<P> {
                 put_u32(out, *len);
             }
             Frame::Disconnect { reason } => put_str(out, reason),
+            Frame::NetSettings {
+                protocol,
+                after_sb_0pri,
+                after_sb_1pri,
+                after_sb_2pri,
+                flags,
+                integrity_alg,
+            } => {
+                out.extend_from_slice(&[*protocol, *after_sb_0pri, *after_sb_1pri, *after_sb_2pri]);
+                put_u32(out, *flags);
+                put_str(out, integrity_alg);
+            }
         }
         assert_eq!(
             out.len() - start,
@@ -1330,11 +1410,19 @@ impl Frame<Range<usize>> {
                 }
                 Frame::BitmapChunk { offset_bits, words }
             }
-            cmd::RESYNC_REQUEST | cmd::RESYNC_IN_SYNC | cmd::VERIFY_REQUEST => {
+            cmd::RESYNC_REQUEST
+            | cmd::RESYNC_IN_SYNC
+            | cmd::VERIFY_REQUEST
+            | cmd::RESYNC_ZEROES => {
                 let offset_bytes = r.u64()?;
                 let id = r.u64()?;
                 let len = r.u32()?;
                 match h.command {
+                    cmd::RESYNC_ZEROES => Frame::ResyncZeroes {
+                        offset_bytes,
+                        len,
+                        id,
+                    },
                     cmd::RESYNC_REQUEST => Frame::ResyncRequest {
                         offset_bytes,
                         len,
@@ -1395,6 +1483,14 @@ impl Frame<Range<usize>> {
             },
             cmd::DISCONNECT => Frame::Disconnect {
                 reason: r.string()?,
+            },
+            cmd::NET_SETTINGS => Frame::NetSettings {
+                protocol: r.u8()?,
+                after_sb_0pri: r.u8()?,
+                after_sb_1pri: r.u8()?,
+                after_sb_2pri: r.u8()?,
+                flags: r.u32()?,
+                integrity_alg: r.string()?,
             },
             other => return Err(FrameError::UnknownCommand(other)),
         };

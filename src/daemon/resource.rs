@@ -930,6 +930,14 @@ fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSetting
         rcvbuf_size_bytes: net.rcvbuf_size_bytes,
         max_buffers: net.max_buffers,
         volumes: cfg.volumes.len() as u32,
+        compat: crate::peer::compat::NetCompat {
+            protocol: net.protocol,
+            after_sb_0pri: net.after_sb_0pri,
+            after_sb_1pri: net.after_sb_1pri,
+            after_sb_2pri: net.after_sb_2pri,
+            allow_two_primaries: net.allow_two_primaries,
+            integrity_alg: net.data_integrity_alg.clone(),
+        },
     }
 }
 

@@ -16,7 +16,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::meta::{self, ActivityLog, MetaData, MetaError};
@@ -37,6 +37,8 @@ pub struct AlGate {
     writer: tokio::sync::Mutex<()>,
     /// Woken when writes end (an extent may have become evictable).
     idle: tokio::sync::Notify,
+    /// Tasks waiting on `idle` (writes only notify when there are some).
+    idle_waiters: AtomicUsize,
     writes: AtomicU64,
 }
 
@@ -55,7 +57,11 @@ impl Drop for AlHold<'_> {
             }
         }
         drop(st);
-        self.gate.idle.notify_waiters();
+        // SeqCst pairs with the waiter's increment before its re-check: either it
+        // sees the extent idle, or this sees it waiting.
+        if self.gate.idle_waiters.load(Ordering::SeqCst) > 0 {
+            self.gate.idle.notify_waiters();
+        }
     }
 }
 
@@ -72,6 +78,7 @@ impl AlGate {
             }),
             writer: tokio::sync::Mutex::new(()),
             idle: tokio::sync::Notify::new(),
+            idle_waiters: AtomicUsize::new(0),
             writes: AtomicU64::new(0),
         })
     }
@@ -145,9 +152,11 @@ impl AlGate {
                 drop(writer);
                 let idle = self.idle.notified();
                 tokio::pin!(idle);
+                self.idle_waiters.fetch_add(1, Ordering::SeqCst);
                 if self.try_hold(&extents).is_none() {
                     let _ = tokio::time::timeout(std::time::Duration::from_millis(50), idle).await;
                 }
+                self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
                 continue;
             };
             if let Some(tr) = tr {

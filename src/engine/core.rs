@@ -734,6 +734,9 @@ impl Engine {
             // A Consistent disk without a peer to compare with may be promoted: the
             // administrator knows it is the survivor (DRBD's degraded start).
             DiskState::Consistent if !self.conn.is_connected() => Ok(()),
+            // A SyncTarget may be Primary while its UpToDate peer serves the blocks
+            // not resynced yet (DRBD allows it too).
+            DiskState::Inconsistent if self.sync_target_served() => Ok(()),
             other => Err(StateChangeError::NeedUpToDate(other)),
         }
     }
@@ -743,6 +746,8 @@ impl Engine {
         self.role = Role::Primary;
         match self.disk {
             DiskState::UpToDate => false,
+            // Stays Inconsistent until the resync ends.
+            DiskState::Inconsistent if !force && self.sync_target_served() => false,
             other if force => {
                 tracing::info!("disk( {other} -> UpToDate ) by primary --force");
                 self.disk = DiskState::UpToDate;
@@ -1103,7 +1108,9 @@ impl Engine {
         // A SyncSource may be Secondary: resync reads need usable data, not a role.
         let refusal = if self.role != Role::Primary && kind != ReqKind::Resync {
             Some(Refusal::NotPrimary(self.role))
-        } else if !(self.disk.is_usable() || kind != ReqKind::Resync && self.diskless_served()) {
+        } else if !(self.disk.is_usable()
+            || kind != ReqKind::Resync && (self.diskless_served() || self.sync_target_served()))
+        {
             Some(Refusal::NoUsableData(self.disk))
         } else if offset_bytes
             .checked_add(len_bytes)
@@ -1404,6 +1411,14 @@ impl Engine {
             && self.peer_disk == DiskState::UpToDate
     }
 
+    /// A SyncTarget with an UpToDate peer: the driver reads blocks not resynced
+    /// yet from the peer.
+    pub fn sync_target_served(&self) -> bool {
+        self.disk == DiskState::Inconsistent
+            && self.conn == ConnState::SyncTarget
+            && self.peer_disk == DiskState::UpToDate
+    }
+
     fn peer_write_overlaps(&self, offset_bytes: u64, len_bytes: u64) -> bool {
         self.peer_reqs.values().any(|q| {
             q.kind.is_write() && overlap(q.offset_bytes, q.len_bytes, offset_bytes, len_bytes)
@@ -1448,7 +1463,9 @@ impl Engine {
         if offset_bytes
             .checked_add(len_bytes)
             .is_none_or(|end| end > self.size_bytes)
-            || self.role == Role::Primary
+            // A Primary takes resync writes only (as a SyncTarget: the peer is
+            // Secondary, it sends no application writes).
+            || self.role == Role::Primary && self.conn != ConnState::SyncTarget
             || self.peer_index.contains_key(&peer_id)
         {
             tracing::error!(peer_id, offset_bytes, len_bytes, role = %self.role, "refusing a peer request");

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -42,6 +42,7 @@ use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
 mod congestion;
 mod diskless;
+mod sync_target;
 pub use self::congestion::LinkRequest;
 pub use self::diskless::{IoErrorHook, IoErrorPolicy, READ_ID_BIT};
 
@@ -253,6 +254,9 @@ pub struct Volume {
     /// Woken when meta-data changed in memory (UUIDs, flags, bitmap to write).
     meta_changed: tokio::sync::Notify,
     next_id: AtomicU64,
+    /// The role was Primary after the last engine step (a hint read without the
+    /// lock on the write path; `false` is checked under the lock).
+    primary_hint: AtomicBool,
     epoch: Instant,
     /// `on-io-error` and the Diskless mode (`diskless.rs`).
     diskless: diskless::Diskless,
@@ -354,6 +358,7 @@ impl Volume {
             md: meta.md,
             meta_changed: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
+            primary_hint: AtomicBool::new(false),
             epoch: Instant::now(),
             diskless: diskless::Diskless::default(),
             congestion: congestion::VolumeCongestion::default(),
@@ -725,7 +730,12 @@ impl Volume {
         let Some(al) = &self.al else {
             return Ok(None);
         };
-        if self.lock().engine.role() != Role::Primary || len_bytes == 0 {
+        // The hint saves taking the volume lock once more per write; a stale
+        // `true` only costs a hold on a write the engine refuses anyway.
+        if len_bytes == 0
+            || !self.primary_hint.load(Ordering::Relaxed)
+                && self.lock().engine.role() != Role::Primary
+        {
             return Ok(None);
         }
         al.begin(offset_bytes, len_bytes, || async {
@@ -1115,6 +1125,29 @@ impl Volume {
                     len_bytes: u64::from(len),
                 }
             }
+            Frame::ResyncZeroes {
+                offset_bytes,
+                len,
+                id,
+            } => {
+                let work = PeerWork {
+                    kind: ReqKind::Zeroes,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                    payload: None,
+                    fua: false,
+                    resync: true,
+                };
+                let mut g = self.lock();
+                g.peer_work.insert(id, work);
+                g.resync_bytes_total += u64::from(len);
+                Event::PeerRequest {
+                    peer_id: id,
+                    kind: ReqKind::Zeroes,
+                    offset_bytes,
+                    len_bytes: u64::from(len),
+                }
+            }
             Frame::FlushAck { id } => Event::PeerProgressed {
                 id,
                 progress: PeerProgress::Written,
@@ -1438,6 +1471,11 @@ impl Volume {
             None => Err(libc::ECANCELED),
             Some((kind, offset, len, payload, fua, resync)) => {
                 let r = match kind {
+                    ReqKind::Write if resync => match payload {
+                        Some(data) => self.apply_resync_write(offset, len, Some(data)).await,
+                        None => Err(IoError::Invalid("peer write without payload".into())),
+                    },
+                    ReqKind::Zeroes if resync => self.apply_resync_write(offset, len, None).await,
                     ReqKind::Write => match payload {
                         Some(data) => self.storage.write_at(offset, data, fua).await,
                         None => Err(IoError::Invalid("peer write without payload".into())),
@@ -1489,6 +1527,8 @@ impl Volume {
     fn step(&self, g: &mut Inner, event: Event) -> Vec<Deferred> {
         let mut actions = Vec::with_capacity(3);
         g.engine.handle(self.now_ms(), event, &mut actions);
+        self.primary_hint
+            .store(g.engine.role() == Role::Primary, Ordering::Relaxed);
         self.run_actions(g, &mut actions)
     }
 
@@ -1671,6 +1711,9 @@ impl Volume {
         };
         let deferred = {
             let mut g = self.lock();
+            if matches!(kind, ReqKind::Write | ReqKind::Zeroes) {
+                Self::sync_target_written(&mut g, offset_bytes, len_bytes);
+            }
             g.slots.insert(
                 id,
                 Slot {
@@ -1718,7 +1761,7 @@ impl Volume {
                 // link, so the peer applies them after this (older) data.
                 result = match result {
                     Ok(Some(data)) if verify => self.send_verify(id, offset_bytes, data).await,
-                    Ok(Some(data)) => self.send_resync(id, offset_bytes, data).await,
+                    Ok(Some(data)) => self.send_resync(id, offset_bytes, len_bytes, data).await,
                     other => other,
                 };
             }
@@ -1744,13 +1787,19 @@ impl Volume {
         }
     }
 
+    /// Sends one resync chunk read by `local` (`data` empty: the range is a hole of
+    /// the backing file, it reads as zeroes).
     async fn send_resync(
         &self,
         id: ReqId,
         offset_bytes: u64,
+        len: u64,
         data: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, IoError> {
-        let len = data.len() as u64;
+        debug_assert!(data.is_empty() || data.len() as u64 == len);
+        // Zeroes go as a range without payload; the target writes zeroes, so both
+        // disks read the same (DRBD 9's rs_is_zero / P_RS_DEALLOCATED).
+        let zero = data.iter().all(|&b| b == 0);
         let tx = {
             let mut g = self.lock();
             let tx = g.peer_tx.clone();
@@ -1779,6 +1828,11 @@ impl Volume {
             }
         };
         let frame = match csums {
+            _ if zero => Frame::ResyncZeroes {
+                offset_bytes,
+                len: len as u32,
+                id,
+            },
             Some(alg) => Frame::ChecksumRequest {
                 offset_bytes,
                 len: len as u32,
@@ -2004,6 +2058,17 @@ impl Volume {
 
     async fn local(&self, offset_bytes: u64, op: LocalOp) -> Result<Option<Vec<u8>>, IoError> {
         match op {
+            LocalOp::Read(len) if let Some(r) = self.sync_target_read(offset_bytes, len).await => {
+                r.map(Some)
+            }
+            LocalOp::Resync(len)
+                if len as u64 >= ZERO_CHECK_MIN_BYTES
+                    && self.reads_as_zero(offset_bytes, len as u64).await =>
+            {
+                // A hole: nothing to read (reading holes through the page cache
+                // costs a memset per page); `send_resync` sends it as zeroes.
+                Ok(Some(Vec::new()))
+            }
             LocalOp::Read(len) | LocalOp::Resync(len) | LocalOp::Verify(len) => {
                 self.storage.read_at(offset_bytes, len).await.map(Some)
             }
@@ -2022,6 +2087,18 @@ impl Volume {
         }
     }
 
+    /// Whether the whole range is known to read as zeroes on the backing disk (a
+    /// hole by SEEK_DATA/SEEK_HOLE; block devices never say so). Errors mean no.
+    async fn reads_as_zero(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        match self.storage.block_status(offset_bytes, len_bytes).await {
+            Ok(extents) => {
+                extents.iter().all(|e| e.zero || e.hole)
+                    && extents.iter().map(|e| e.len_bytes).sum::<u64>() >= len_bytes
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Flushes the backing disk directly, whatever the role (used by `down`).
     pub async fn flush_storage(&self) -> Result<(), IoError> {
         self.storage.flush().await
@@ -2031,6 +2108,11 @@ impl Volume {
         IoError::check_range(offset_bytes, len_bytes, self.storage.size_bytes())
     }
 }
+
+/// Smallest resync chunk whose allocation is asked before it is read: for the
+/// scattered small chunks of a smart resync the extra lseek costs more than the
+/// read it might save.
+const ZERO_CHECK_MIN_BYTES: u64 = 64 * 1024;
 
 /// Locks shared meta-data; a poisoned lock (a panic while holding it) still holds a
 /// coherent copy: the writers replace whole fields.
@@ -2072,8 +2154,10 @@ impl BlockIo for Volume {
 
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            self.check_range(offset, data.len() as u64)?;
+            // A Primary SyncTarget writes out-of-sync blocks whole.
+            let (offset, data) = self.sync_target_widen_write(offset, data).await?;
             let len = data.len() as u64;
-            self.check_range(offset, len)?;
             // Split to the peer's frame limit; the pieces do not overlap, so the
             // engine runs them side by side.
             let mut done = 0u64;
@@ -2135,6 +2219,9 @@ impl BlockIo for Volume {
                 let g = self.lock();
                 if g.engine.role() != Role::Primary {
                     return Err(self.refusal_error(Refusal::NotPrimary(g.engine.role())));
+                }
+                if let Some(extents) = Self::sync_target_block_status(&g, offset, len) {
+                    return Ok(extents);
                 }
             }
             self.storage.block_status(offset, len).await

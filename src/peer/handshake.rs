@@ -3,7 +3,8 @@
 //! Both sides run the same symmetric sequence (no side waits for the other to speak
 //! first): send Hello, read Hello, check; if a secret is configured send
 //! AuthChallenge, read the peer's, send AuthResponse, read the peer's, verify, send
-//! AuthResult, read the peer's. A refusal is announced with a Disconnect frame carrying
+//! AuthResult, read the peer's; then send NetSettings, read the peer's and compare
+//! ([`super::compat`], DRBD's "incompatible ... settings"). A refusal is announced with a Disconnect frame carrying
 //! the reason before the socket is closed.
 
 use bytes::{Bytes, BytesMut};
@@ -173,6 +174,12 @@ pub(crate) async fn run(
     }
     if let Some(auth) = auth {
         authenticate(&mut io, settings, auth).await?;
+    }
+    // The settings both sides must agree on (DRBD's P_PROTOCOL).
+    io.write(&settings.compat.to_frame()).await?;
+    let peer_settings = io.read().await?;
+    if let Err(e) = settings.compat.check(&peer_settings) {
+        return Err(io.refuse(e).await);
     }
     let info = PeerInfo {
         proto_version,

@@ -22,6 +22,7 @@
 //! reader stops reading (TCP back-pressure on the peer's writer).
 
 mod auth;
+pub mod compat;
 mod handshake;
 mod link;
 mod sock;
@@ -99,6 +100,8 @@ pub struct PeerSettings {
     pub max_buffers: u32,
     /// Number of volumes of the resource on this node (announced in Hello).
     pub volumes: u32,
+    /// Net settings the peer must agree on (`NetSettings` at the end of the handshake).
+    pub compat: compat::NetCompat,
 }
 
 impl PeerSettings {
@@ -226,6 +229,14 @@ pub enum PeerError {
     /// The peer refused the connection with a Disconnect frame.
     #[error("peer refused the connection: {0}")]
     Refused(String),
+    /// A net setting differs from the peer's (DRBD's text first).
+    #[error("incompatible {setting} settings ({detail})")]
+    Incompatible {
+        /// The setting, as in the configuration file.
+        setting: &'static str,
+        /// Both values.
+        detail: String,
+    },
     /// The connection is closed or lost.
     #[error("connection closed")]
     Closed,
@@ -261,6 +272,8 @@ pub enum PeerErrorKind {
     AuthFailed,
     /// [`PeerError::Refused`].
     Refused,
+    /// [`PeerError::Incompatible`].
+    Incompatible,
     /// [`PeerError::Closed`].
     Closed,
     /// [`PeerError::Shutdown`].
@@ -285,6 +298,7 @@ impl PeerError {
             PeerError::AuthMismatch { .. } => PeerErrorKind::AuthMismatch,
             PeerError::AuthFailed(_) => PeerErrorKind::AuthFailed,
             PeerError::Refused(_) => PeerErrorKind::Refused,
+            PeerError::Incompatible { .. } => PeerErrorKind::Incompatible,
             PeerError::Closed => PeerErrorKind::Closed,
             PeerError::Shutdown => PeerErrorKind::Shutdown,
         }

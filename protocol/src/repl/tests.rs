@@ -150,6 +150,11 @@ fn gen_frame(rng: &mut Rng, command: u16) -> Frame {
             len: rng.next() as u32,
             id: rng.next(),
         },
+        cmd::RESYNC_ZEROES => Frame::ResyncZeroes {
+            offset_bytes: rng.next(),
+            len: rng.next() as u32,
+            id: rng.next(),
+        },
         cmd::CHECKSUM_REQUEST => Frame::ChecksumRequest {
             offset_bytes: rng.next(),
             len: rng.next() as u32,
@@ -173,6 +178,14 @@ fn gen_frame(rng: &mut Rng, command: u16) -> Frame {
         },
         cmd::DISCONNECT => Frame::Disconnect {
             reason: rng.string(),
+        },
+        cmd::NET_SETTINGS => Frame::NetSettings {
+            protocol: rng.next() as u8,
+            after_sb_0pri: rng.next() as u8,
+            after_sb_1pri: rng.next() as u8,
+            after_sb_2pri: rng.next() as u8,
+            flags: rng.next() as u32,
+            integrity_alg: rng.string(),
         },
         other => panic!("no generator for command {other}"),
     }

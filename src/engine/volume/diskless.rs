@@ -156,7 +156,11 @@ impl Volume {
     }
 
     /// Reads `len` bytes at `offset_bytes` from the peer's disk.
-    async fn read_from_peer(&self, offset_bytes: u64, len: usize) -> Result<Vec<u8>, IoError> {
+    pub(super) async fn read_from_peer(
+        &self,
+        offset_bytes: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, IoError> {
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
             let n = (len - out.len()).min(MAX_PEER_REQUEST_BYTES as usize);
