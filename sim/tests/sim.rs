@@ -1,6 +1,7 @@
 //! Seed sweeps of the replication simulator: the engine passes what it survives
-//! today, the injected driver bugs are caught, runs are deterministic, and each
-//! known engine bug has a failing seed (ignored until the engine is fixed).
+//! (every fault, no workaround flag since B6-B8 are fixed), the injected driver bugs
+//! are caught, runs are deterministic, and each engine bug found has its seed as a
+//! regression test.
 
 use rdb_sim::{run_seed, Bug, FaultRates, Invariant, Protocol, SimOptions};
 
@@ -14,7 +15,7 @@ fn opts(protocol: Protocol, faults: FaultRates) -> SimOptions {
         steps: TEST_STEPS,
         protocol,
         faults,
-        avoid_known_bugs: true,
+        avoid_known_bugs: false,
         ..SimOptions::default()
     }
 }
@@ -31,24 +32,18 @@ fn sweep(o: &SimOptions, seeds: std::ops::Range<u64>) {
 }
 
 #[test]
-fn protocol_c_survives_partitions_crashes_failover_and_switchover() {
-    sweep(&opts(Protocol::C, FaultRates::survivable()), 0..CI_SEEDS);
+fn protocol_c_survives_every_fault() {
+    sweep(&opts(Protocol::C, FaultRates::all()), 0..CI_SEEDS);
 }
 
 #[test]
-fn protocol_b_survives_faults_without_connection_loss() {
-    sweep(
-        &opts(Protocol::B, FaultRates::no_connection_loss()),
-        0..CI_SEEDS,
-    );
+fn protocol_b_survives_every_fault() {
+    sweep(&opts(Protocol::B, FaultRates::all()), 0..CI_SEEDS);
 }
 
 #[test]
-fn protocol_a_survives_faults_without_connection_loss() {
-    sweep(
-        &opts(Protocol::A, FaultRates::no_connection_loss()),
-        0..CI_SEEDS,
-    );
+fn protocol_a_survives_every_fault() {
+    sweep(&opts(Protocol::A, FaultRates::all()), 0..CI_SEEDS);
 }
 
 #[test]
