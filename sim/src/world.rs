@@ -604,9 +604,11 @@ impl World<'_> {
                     let flushed_upto = self.nodes[n].flush_gen.remove(&id);
                     if let (Some(g), true, true) = (flushed_upto, result.is_ok(), slot.peer_written)
                     {
-                        // Stable on both sides: the activity log may forget these.
+                        // Stable on both sides: the activity log may forget the
+                        // writes completed before the flush was submitted (their
+                        // numbers are below `g`; the next completion gets `g`).
                         for h in self.nodes[n].hot.iter_mut() {
-                            if *h <= g {
+                            if *h < g {
                                 *h = 0;
                             }
                         }

@@ -157,3 +157,13 @@ fn b5_racing_promotions() {
     let o = full(Protocol::B, FaultRates::no_connection_loss(), false);
     run_seed(340, &o).unwrap();
 }
+
+#[test]
+// Regression of the simulator itself (not the engine): its model of the activity log
+// forgot the first write completed after a flush was submitted when that flush
+// completed, so a Primary's power loss did not mark it (seed 30037 of the first
+// `--faults all` soak: the Secondary lost it to a power loss before).
+fn activity_log_model_keeps_writes_completed_after_a_flush_started() {
+    let o = full(Protocol::C, FaultRates::all(), false);
+    run_seed(30037, &o).unwrap();
+}
