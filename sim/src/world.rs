@@ -1376,6 +1376,18 @@ impl World<'_> {
                 self.switch_pending = false;
                 self.announce(n);
             }
+            (Why::Retry { from, .. }, Err(StateChangeError::PeerIsPrimary))
+                if from != n && self.nodes[from].is_primary() =>
+            {
+                // The old Primary took the role back (an administrator's promotion
+                // won the race): the switchover is over. Retrying would promote this
+                // node as soon as the link breaks, while that Primary lives on
+                // (seed 40203 of the first `--faults all` soak).
+                self.note(format!(
+                    "n{n}: switchover abandoned: n{from} is Primary again"
+                ));
+                self.switch_pending = false;
+            }
             (
                 Why::Retry { from, attempts },
                 Err(StateChangeError::PeerIsPrimary | StateChangeError::Concurrent),

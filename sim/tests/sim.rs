@@ -167,3 +167,17 @@ fn activity_log_model_keeps_writes_completed_after_a_flush_started() {
     let o = full(Protocol::C, FaultRates::all(), false);
     run_seed(30037, &o).unwrap();
 }
+
+#[test]
+// Regression of the simulator's cluster manager (not the engine): a switchover's
+// promotion retries went on after an administrator's promotion of the old Primary
+// won the race, and promoted the target once the link broke, while that Primary
+// lived on: a split brain at the reconnect (seeds of the first `--faults all` soak).
+fn switchover_is_abandoned_when_the_old_primary_takes_the_role_back() {
+    let o = full(Protocol::C, FaultRates::all(), false);
+    for seed in [40203, 47575, 51480, 51861, 73257] {
+        if let Err(v) = run_seed(seed, &o) {
+            panic!("seed {seed}: {v}");
+        }
+    }
+}
