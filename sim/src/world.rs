@@ -1658,11 +1658,14 @@ impl World<'_> {
                 ));
             }
         }
-        // Invariant 1, except while a Primary has not yet noticed a dead link.
-        let undetected = self
-            .nodes
-            .iter()
-            .any(|n| n.is_primary() && n.engine.conn().is_connected() && !self.session);
+        // Invariant 1, except while a Primary - or a just-demoted one whose transfer
+        // log still holds writes it will mark at the loss - has not yet noticed a
+        // dead link.
+        let undetected = self.nodes.iter().any(|n| {
+            n.up && (n.is_primary() || n.engine.transfer_log_len() > 0)
+                && n.engine.conn().is_connected()
+                && !self.session
+        });
         if !undetected {
             for s in 0..self.sectors {
                 let v = self.acked_ver[s];

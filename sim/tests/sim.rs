@@ -181,3 +181,14 @@ fn switchover_is_abandoned_when_the_old_primary_takes_the_role_back() {
         }
     }
 }
+
+#[test]
+// Regression of the simulator's checker (not the engine): invariant 1 was checked
+// while a just-demoted old Primary had not yet noticed the dead link, although its
+// transfer log still held the writes it marks at the loss (protocol B, the peer's
+// flush failed after the switchover's demotion, then the peer lost power; seed 55525
+// of the `--faults all` soak).
+fn just_demoted_primary_marks_its_transfer_log_at_the_loss() {
+    let o = full(Protocol::B, FaultRates::all(), false);
+    run_seed(55525, &o).unwrap();
+}
