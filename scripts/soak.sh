@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Soak of the deterministic simulators (docs/reliability.md): N seeds (default
-# 100,000) of the replication engine (protocol C with every fault it survives,
-# protocols A and B without connection loss) and of the heartbeat membership
+# 100,000) of the replication engine (protocols C, B and A with every fault: power
+# loss, disk errors, rogue promotions; no workaround flag since engine bugs B6-B8
+# are fixed) and of the heartbeat membership
 # (rdb-ha + rdbdisk over the engine). Runs on every core (JOBS, default nproc) at
 # nice 10; stops at the first violation, printing it and its replay command.
-# Usage: scripts/soak.sh [N] [ha|c|ab|all]
+# Usage: scripts/soak.sh [N] [ha|c|b|a|ab|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -17,8 +18,6 @@ sim() {
   nice -n 10 target/release/rdb-sim --jobs "$jobs" --trace 200 "$@" | grep -v ' seeds done, '
 }
 case "$what" in ha|all) sim --ha --seeds "$n" ;; esac
-case "$what" in c|all) sim --seeds "$n" --protocol C --faults survivable --avoid-known-bugs ;; esac
-case "$what" in ab|all)
-  sim --seeds "$n" --protocol B --faults no-connection-loss --avoid-known-bugs
-  sim --seeds "$n" --protocol A --faults no-connection-loss --avoid-known-bugs ;;
-esac
+case "$what" in c|all) sim --seeds "$n" --protocol C --faults all ;; esac
+case "$what" in b|ab|all) sim --seeds "$n" --protocol B --faults all ;; esac
+case "$what" in a|ab|all) sim --seeds "$n" --protocol A --faults all ;; esac

@@ -130,9 +130,10 @@ pub struct SimOptions {
     pub inject_bug: Option<Bug>,
     /// Events kept in a violation's trace.
     pub trace_len: usize,
-    /// Work around the engine bugs this simulator found (see `docs/simulation.md`),
-    /// to explore past them: promotions wait until no peer request is in flight, and
-    /// no administrator promotes a node while a switchover is under way.
+    /// Workarounds for engine bugs this simulator found, all fixed now (B1, B5; see
+    /// `docs/simulation.md`): promotions wait until no peer request is in flight, and
+    /// no administrator promotes a node while a switchover is under way. No sweep
+    /// needs it any more; kept so that old replay commands still run.
     pub avoid_known_bugs: bool,
 }
 

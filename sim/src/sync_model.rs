@@ -4,7 +4,8 @@
 //!
 //! The model watches each node's role, disk and connection after every simulated
 //! event and applies volume.rs's rules: a promotion without a connected peer (or a
-//! forced one) starts a new data generation; a Primary that loses its peer starts one;
+//! forced one) starts a new data generation, which a connected in-sync Secondary
+//! adopts after a forced promotion (B7); a Primary that loses its peer starts one;
 //! the Primary bit follows the role; a node that goes down while Primary is a crashed
 //! Primary. At each handshake both sides' `sync::decide` must agree, must not report a
 //! split brain, unrelated data or a refusal (the simulator's cluster manager never lets
@@ -44,9 +45,6 @@ pub(crate) struct SyncModel {
     pub handshakes: u64,
     /// Of which with a resync (bitmap or full).
     pub resyncs: u64,
-    /// Work around engine bug B7: the connected peer adopts a forced Primary's new
-    /// current UUID (as if it were sent with the INFO_ONLY flag and taken over).
-    pub peer_adopts_forced_uuid: bool,
 }
 
 /// What the simulator knows of a node after an event.
@@ -59,7 +57,7 @@ pub(crate) struct Observed {
 }
 
 impl SyncModel {
-    pub(crate) fn new(peer_adopts_forced_uuid: bool) -> SyncModel {
+    pub(crate) fn new() -> SyncModel {
         let meta = Meta {
             uuids: GenerationUuids {
                 current: 0x1000,
@@ -78,7 +76,6 @@ impl SyncModel {
             next_uuid: 0x1_0000,
             handshakes: 0,
             resyncs: 0,
-            peer_adopts_forced_uuid,
         }
     }
 
@@ -110,11 +107,18 @@ impl SyncModel {
                 if !o.connected {
                     self.new_current(n, true);
                 } else if forced {
-                    // Engine bug B7 (docs/simulation.md): the connected, in-sync peer
-                    // never adopts the forced Primary's new UUID.
                     self.new_current(n, false);
-                    if self.peer_adopts_forced_uuid && self.nodes[1 - n].connected {
-                        // Both in sync at the new generation.
+                    // B7 (fixed, volume.rs `promoted` / `adopt_new_current`): the
+                    // connected, in-sync Secondary adopts the forced Primary's new
+                    // current UUID; both stay in one generation.
+                    let peer = self.nodes[1 - n];
+                    if peer.connected
+                        && peer.role == Role::Secondary
+                        && matches!(
+                            peer.disk,
+                            DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+                        )
+                    {
                         self.nodes[n].uuids.clear_bitmap_uuid();
                         let current = self.nodes[n].uuids.current & !1;
                         let peer = &mut self.nodes[1 - n];

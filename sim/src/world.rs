@@ -5,9 +5,11 @@
 //! Data/Flush frame on the current connection; a received Data/Flush frame ->
 //! `peer_work` + `PeerRequest`; `SubmitPeerRequest` -> a local write of the peer's
 //! payload (or ECANCELED when the work was dropped at a disconnect); `AckPeer` ->
-//! RecvAck/WriteAck/FlushAck/NegAck on whatever connection is current (so acks of an
-//! old connection can reach the new one); detach -> `peer_work` cleared + `PeerLost`.
-//! Request ids restart at 1 when a node restarts, as `Volume::new` does.
+//! RecvAck/WriteAck/FlushAck/NegAck on whatever connection is current (the engine
+//! emits no ack for peer work of an older connection: B8); detach -> `peer_work`
+//! cleared + `PeerLost`. Request ids restart at 1 when a node restarts, as
+//! `Volume::new` does. A switchover closes the Primary's device, flushes it (an
+//! application flush) and then demotes, as `Volume::demote_waiting` does (B6).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -279,6 +281,9 @@ struct World<'a> {
     dirty: bool,
     failover_pending: Option<usize>,
     switch_pending: bool,
+    /// A switchover closing the device of this Primary: no new application
+    /// requests; demoted once its flush (this request id) completes (B6).
+    closing: Option<(usize, ReqId)>,
     /// The node that was Primary last (the cluster manager's choice when none is).
     last_primary: usize,
     trace: VecDeque<String>,
@@ -335,6 +340,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Violation> {
         dirty: false,
         failover_pending: None,
         switch_pending: false,
+        closing: None,
         last_primary: 0,
         trace: VecDeque::with_capacity(opts.trace_len + 1),
         report: SimReport {
@@ -342,7 +348,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Violation> {
             ..SimReport::default()
         },
         pending_violation: None,
-        meta: SyncModel::new(opts.avoid_known_bugs),
+        meta: SyncModel::new(),
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
     match outcome {
@@ -592,12 +598,17 @@ impl World<'_> {
                     let Some(slot) = self.nodes[n].slots.remove(&id) else {
                         continue;
                     };
+                    if self.closing == Some((n, id)) {
+                        self.switchover_flushed(n, result.is_ok());
+                    }
                     let flushed_upto = self.nodes[n].flush_gen.remove(&id);
                     if let (Some(g), true, true) = (flushed_upto, result.is_ok(), slot.peer_written)
                     {
-                        // Stable on both sides: the activity log may forget these.
+                        // Stable on both sides: the activity log may forget the
+                        // writes completed before the flush was submitted (their
+                        // numbers are below `g`; the next completion gets `g`).
                         for h in self.nodes[n].hot.iter_mut() {
-                            if *h <= g {
+                            if *h < g {
                                 *h = 0;
                             }
                         }
@@ -890,6 +901,10 @@ impl World<'_> {
         let Some(p) = self.primary() else {
             return Ok(());
         };
+        if self.closing.is_some_and(|(c, _)| c == p) {
+            // The switchover closed the device.
+            return Ok(());
+        }
         if self.nodes[p].slots.len() >= self.opts.max_in_flight {
             return Ok(());
         }
@@ -1245,6 +1260,9 @@ impl World<'_> {
         }
         node.disk.crash(power, &mut self.rng);
         node.up = false;
+        if self.closing.is_some_and(|(c, _)| c == n) {
+            self.closing = None;
+        }
         node.inc += 1;
         node.slots.clear();
         node.flush_gen.clear();
@@ -1368,6 +1386,18 @@ impl World<'_> {
                 self.switch_pending = false;
                 self.announce(n);
             }
+            (Why::Retry { from, .. }, Err(StateChangeError::PeerIsPrimary))
+                if from != n && self.nodes[from].is_primary() =>
+            {
+                // The old Primary took the role back (an administrator's promotion
+                // won the race): the switchover is over. Retrying would promote this
+                // node as soon as the link breaks, while that Primary lives on
+                // (seed 40203 of the first `--faults all` soak).
+                self.note(format!(
+                    "n{n}: switchover abandoned: n{from} is Primary again"
+                ));
+                self.switch_pending = false;
+            }
             (
                 Why::Retry { from, attempts },
                 Err(StateChangeError::PeerIsPrimary | StateChangeError::Concurrent),
@@ -1478,21 +1508,42 @@ impl World<'_> {
             self.nodes[i].failing = !self.nodes[i].failing;
             self.note(format!("n{i}: failing disk = {}", self.nodes[i].failing));
         }
-        if self.rng.chance(f.switchover) && self.both_connected() && !self.switch_pending {
+        if self.rng.chance(f.switchover)
+            && self.both_connected()
+            && !self.switch_pending
+            && self.closing.is_none()
+        {
             if let Some(p) = self.primary() {
-                if self.nodes[p].engine.demote().is_ok() {
-                    self.note(format!("n{p}: switchover: demoted"));
-                    self.switch_pending = true;
-                    self.announce(p);
-                    let delay = self.rng.range(1, 10);
-                    self.schedule(
-                        delay,
-                        Ev::PromoteRetry {
-                            node: 1 - p,
-                            from: p,
-                            attempts: 0,
+                let e = &self.nodes[p].engine;
+                if e.in_flight() == 0 && e.writes_awaiting_peer() == 0 {
+                    // B6 (fixed): the device is closed and flushed (an application
+                    // flush: local disk and peer, as the file system's flush at
+                    // unmount) before the demotion (volume.rs `demote_waiting`).
+                    let id = self.nodes[p].next_id;
+                    self.nodes[p].next_id += 1;
+                    self.closing = Some((p, id));
+                    self.note(format!("n{p}: switchover: closing, flush {id}"));
+                    self.nodes[p].slots.insert(
+                        id,
+                        Slot {
+                            kind: ReqKind::Flush,
+                            first: 0,
+                            n: 0,
+                            version: 0,
+                            fua: false,
+                            sent: false,
+                            peer_written: false,
                         },
                     );
+                    self.feed(
+                        p,
+                        Event::Request {
+                            id,
+                            kind: ReqKind::Flush,
+                            offset_bytes: 0,
+                            len_bytes: 0,
+                        },
+                    )?;
                 }
             }
         }
@@ -1512,6 +1563,33 @@ impl World<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The switchover's flush completed on `p`: demote and let the peer take over
+    /// (unless the flush failed or the connection went meanwhile: `p` stays Primary).
+    fn switchover_flushed(&mut self, p: usize, ok: bool) {
+        self.closing = None;
+        if !ok || !self.both_connected() || self.switch_pending {
+            self.note(format!("n{p}: switchover abandoned (flush ok={ok})"));
+            return;
+        }
+        match self.nodes[p].engine.demote() {
+            Ok(()) => {
+                self.note(format!("n{p}: switchover: flushed, demoted"));
+                self.switch_pending = true;
+                self.announce(p);
+                let delay = self.rng.range(1, 10);
+                self.schedule(
+                    delay,
+                    Ev::PromoteRetry {
+                        node: 1 - p,
+                        from: p,
+                        attempts: 0,
+                    },
+                );
+            }
+            Err(e) => self.note(format!("n{p}: switchover: demote refused: {e}")),
+        }
     }
 
     fn start_heal(&mut self) {
@@ -1590,11 +1668,14 @@ impl World<'_> {
                 ));
             }
         }
-        // Invariant 1, except while a Primary has not yet noticed a dead link.
-        let undetected = self
-            .nodes
-            .iter()
-            .any(|n| n.is_primary() && n.engine.conn().is_connected() && !self.session);
+        // Invariant 1, except while a Primary - or a just-demoted one whose transfer
+        // log still holds writes it will mark at the loss - has not yet noticed a
+        // dead link.
+        let undetected = self.nodes.iter().any(|n| {
+            n.up && (n.is_primary() || n.engine.transfer_log_len() > 0)
+                && n.engine.conn().is_connected()
+                && !self.session
+        });
         if !undetected {
             for s in 0..self.sectors {
                 let v = self.acked_ver[s];

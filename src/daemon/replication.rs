@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::engine::sync::{decide, SplitBrainPolicy, SyncDecision, SyncView};
 use crate::engine::volume::{
     disk_from_code, role_from_code, LinkRequest, PeerTx, UUID_FLAG_CRASHED_PRIMARY,
-    UUID_FLAG_DISCARD_MY_DATA, UUID_FLAG_INFO_ONLY, UUID_FLAG_SKIP_SYNC,
+    UUID_FLAG_DISCARD_MY_DATA, UUID_FLAG_INFO_ONLY, UUID_FLAG_NEW_CURRENT, UUID_FLAG_SKIP_SYNC,
 };
 use crate::engine::{ConnState, Role, Volume};
 use crate::meta::uuid::format_uuid;
@@ -324,6 +324,11 @@ async fn session(
                 Some(PeerEvent::Frame { frame: Frame::Uuids { current, bitmap, history, bitmap_bits, flags }, .. }) => {
                     let uuids = GenerationUuids { current, bitmap, history };
                     volume.set_peer_uuids(uuids);
+                    if flags & UUID_FLAG_NEW_CURRENT != 0 && volume.adopt_new_current(current) {
+                        // B7: the Primary's forced promotion started a generation we
+                        // share; our UUIDs follow it (the peer cleared its bitmap UUID).
+                        tx.send(volume.uuids_frame(UUID_FLAG_INFO_ONLY)).await;
+                    }
                     if flags & UUID_FLAG_INFO_ONLY != 0 {
                         // The peer's generation moved (end of a resync): keep its view
                         // current for later decisions, decide nothing now.

@@ -434,6 +434,9 @@ struct PeerPending {
     offset_bytes: u64,
     len_bytes: u64,
     submitted: bool,
+    /// `conn_gen` when it arrived: its completion is acknowledged only on that
+    /// connection (a request of a dead connection is never acked on a newer one).
+    conn_gen: u64,
 }
 
 /// Epoch tag of a transfer-log entry whose WriteAck has not arrived.
@@ -1026,17 +1029,33 @@ impl Engine {
                 );
                 self.counters.local_pending -= 1;
                 self.counters.unacked -= 1;
+                let current = p.conn_gen == self.conn_gen;
                 let kind = match result {
                     Ok(()) => {
                         if p.kind.is_write() {
                             self.counters.disk_written_bytes += p.len_bytes;
-                            self.peer_epoch_writes = self.peer_epoch_writes.saturating_add(1);
+                            if current {
+                                self.peer_epoch_writes = self.peer_epoch_writes.saturating_add(1);
+                            }
                         }
                         AckKind::Write
                     }
                     Err(errno) => AckKind::Neg(errno),
                 };
-                out.push(Action::AckPeer { peer_id, kind });
+                if current {
+                    out.push(Action::AckPeer { peer_id, kind });
+                } else {
+                    // B8: the request came on a connection that is gone. Its Primary
+                    // marked it out of sync when it lost us; an ack on the current
+                    // connection would acknowledge a different request that reuses
+                    // the id (a restarted Primary numbers from 1 again). DRBD drops
+                    // the acks of peer requests with their connection.
+                    tracing::debug!(
+                        peer_id,
+                        ?kind,
+                        "no ack for a peer request of an older connection"
+                    );
+                }
                 self.release_peer_blocked(out);
                 if p.kind.is_write() && !self.blocked.is_empty() {
                     self.release_blocked(out);
@@ -1500,6 +1519,7 @@ impl Engine {
                 offset_bytes,
                 len_bytes,
                 submitted: !blocked,
+                conn_gen: self.conn_gen,
             },
         );
         self.counters.unacked += 1;
@@ -2437,6 +2457,68 @@ mod tests {
             vec![Action::PromoteDone {
                 result: Err(StateChangeError::Interrupted)
             }]
+        );
+    }
+
+    /// B8 (docs/simulation.md): a peer write of a connection that is gone completes
+    /// after the next connection came up; its ack must not go out on the new one,
+    /// where the restarted Primary reuses the id for another write.
+    #[test]
+    fn peer_request_of_an_older_connection_is_not_acked_on_the_new_one() {
+        let mut e = Engine::new(1 << 20, DiskState::UpToDate, Protocol::C);
+        let mut out = Vec::new();
+        let primary = Event::PeerConnected {
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+        };
+        e.handle(0, primary.clone(), &mut out);
+        e.handle(0, peer_req(4, ReqKind::Write, 0, 4096), &mut out);
+        assert_eq!(out, vec![Action::SubmitPeerRequest(4)]);
+        out.clear();
+        e.handle(1, Event::PeerLost, &mut out);
+        e.handle(2, primary, &mut out);
+        // The new connection's request 4 collides with the old one still on disk:
+        // refused (the Primary marks it out of sync), never confused with it.
+        out.clear();
+        e.handle(3, peer_req(4, ReqKind::Write, 8192, 4096), &mut out);
+        assert_eq!(
+            out,
+            vec![Action::AckPeer {
+                peer_id: 4,
+                kind: AckKind::Neg(libc::EINVAL)
+            }]
+        );
+        out.clear();
+        e.handle(
+            4,
+            Event::PeerRequestDone {
+                peer_id: 4,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        assert!(out.is_empty(), "stale ack sent: {out:?}");
+        assert_eq!(e.counters().unacked, 0);
+        assert_eq!(e.counters().local_pending, 0);
+        // Requests of the current connection are acknowledged as before.
+        e.handle(5, peer_req(4, ReqKind::Write, 8192, 4096), &mut out);
+        e.handle(
+            6,
+            Event::PeerRequestDone {
+                peer_id: 4,
+                result: Ok(()),
+            },
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                Action::SubmitPeerRequest(4),
+                Action::AckPeer {
+                    peer_id: 4,
+                    kind: AckKind::Write
+                }
+            ]
         );
     }
 }

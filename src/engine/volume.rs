@@ -42,6 +42,8 @@ use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
 mod congestion;
 mod diskless;
+#[cfg(test)]
+mod regression;
 mod sync_target;
 pub use self::congestion::LinkRequest;
 pub use self::diskless::{IoErrorHook, IoErrorPolicy, READ_ID_BIT};
@@ -187,6 +189,10 @@ pub const UUID_FLAG_DISCARD_MY_DATA: u64 = 2;
 pub const UUID_FLAG_INFO_ONLY: u64 = 4;
 /// `Uuids` frame flag: `new-current-uuid --clear-bitmap`: adopt, no initial sync.
 pub const UUID_FLAG_SKIP_SYNC: u64 = 8;
+/// `Uuids` frame flag (with INFO_ONLY): the sender, Primary, started a new data
+/// generation while connected to this in-sync node (a forced promotion): adopt its
+/// current UUID (DRBD sends its UUIDs after `drbd_uuid_new_current`; bug B7).
+pub const UUID_FLAG_NEW_CURRENT: u64 = 16;
 
 /// Work collected under the lock, carried out after it is released.
 enum Deferred {
@@ -391,11 +397,12 @@ impl Volume {
     pub async fn promote(&self, force: bool) -> Result<bool, StateChangeError> {
         let (started, deferred, rx) = {
             let mut g = self.lock();
+            let mut tell_peer = None;
             let mut actions = Vec::new();
             let started = g.engine.begin_promote(self.now_ms(), force, &mut actions)?;
             let rx = match started {
                 PromoteStart::Done(forced) => {
-                    self.promoted(&mut g, forced);
+                    tell_peer = self.promoted(&mut g, forced);
                     None
                 }
                 PromoteStart::Asked => {
@@ -404,7 +411,8 @@ impl Volume {
                     Some(rx)
                 }
             };
-            let deferred = self.run_actions(&mut g, &mut actions);
+            let mut deferred = self.run_actions(&mut g, &mut actions);
+            deferred.extend(tell_peer);
             (started, deferred, rx)
         };
         self.send_all(deferred).await;
@@ -423,20 +431,78 @@ impl Volume {
         result
     }
 
-    /// The engine made us Primary: a new data generation if needed.
-    fn promoted(&self, g: &mut Inner, forced: bool) {
+    /// The engine made us Primary: a new data generation if needed. After a forced
+    /// promotion while connected to an in-sync peer (Secondary with data, no resync
+    /// running) both stay in the same generation: the bitmap UUID is cleared and the
+    /// returned `Uuids` frame (NEW_CURRENT) makes the peer adopt the new current UUID
+    /// (B7: otherwise a later failover to that peer looks like a split brain).
+    fn promoted(&self, g: &mut Inner, forced: bool) -> Option<Deferred> {
+        let mut tell_peer = None;
         if forced || !g.engine.conn().is_connected() {
             let old = g.uuids;
             g.uuids.new_current();
+            let (peer_role, peer_disk) = g.engine.peer();
+            if forced
+                && g.engine.conn().is_connected()
+                && g.resync.is_none()
+                && peer_role == Role::Secondary
+                && matches!(
+                    peer_disk,
+                    DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+                )
+            {
+                if let Some(tx) = g.peer_tx.clone() {
+                    g.uuids.clear_bitmap_uuid();
+                    let frame = Frame::Uuids {
+                        current: g.uuids.current | 1,
+                        bitmap: g.uuids.bitmap,
+                        history: g.uuids.history,
+                        bitmap_bits: g.bitmap.count_set(),
+                        flags: UUID_FLAG_INFO_ONLY | UUID_FLAG_NEW_CURRENT,
+                    };
+                    tell_peer = Some(Deferred::Send(tx, frame));
+                }
+            }
             tracing::info!(
                 resource = %self.name,
-                "new current UUID {} (was {}), bitmap UUID {}",
+                "new current UUID {} (was {}), bitmap UUID {}{}",
                 meta::uuid::format_uuid(g.uuids.current),
                 meta::uuid::format_uuid(old.current),
-                meta::uuid::format_uuid(g.uuids.bitmap)
+                meta::uuid::format_uuid(g.uuids.bitmap),
+                if tell_peer.is_some() { ", sent to the in-sync peer" } else { "" }
             );
         }
         g.uuids.current |= 1;
+        tell_peer
+    }
+
+    /// The connected Primary started a new generation while we are in sync with it
+    /// (its `Uuids` frame with NEW_CURRENT): our data is that generation too. Ignored
+    /// unless we are a connected Secondary with data and no resync running.
+    pub fn adopt_new_current(&self, current: u64) -> bool {
+        let mut g = self.lock();
+        let in_sync = g.engine.role() == Role::Secondary
+            && g.engine.conn().is_connected()
+            && g.resync.is_none()
+            && matches!(
+                g.engine.disk(),
+                DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+            );
+        if !in_sync || g.uuids.current & !1 == current & !1 {
+            return false;
+        }
+        g.uuids.clear_bitmap_uuid();
+        g.uuids.history[1] = g.uuids.history[0];
+        g.uuids.history[0] = g.uuids.current & !1;
+        g.uuids.current = current & !1;
+        tracing::info!(
+            resource = %self.name,
+            "adopted the Primary's new current UUID {}",
+            meta::uuid::format_uuid(g.uuids.current)
+        );
+        drop(g);
+        self.meta_changed.notify_one();
+        true
     }
 
     /// Sets `max-epoch-size` and how long a promotion waits for the peer's answer.
@@ -461,11 +527,26 @@ impl Volume {
 
     /// Demotes this node, waiting up to `timeout` for the peer to acknowledge the
     /// writes it has not acknowledged yet (protocols A and B; DRBD waits the same way).
+    /// The device is flushed first, as an application flush (B6): local disk and
+    /// connected peer, so the last writes are stable on both. The caller closed
+    /// the device; without this a power loss of the demoted node (and of the peer,
+    /// which acknowledged them from its cache) loses them and nothing marks them
+    /// (the activity log only covers a node that crashes as Primary). DRBD gets the
+    /// same from the file system's flush at unmount, which it replicates. A failed
+    /// flush refuses the demotion.
     pub async fn demote_waiting(
         &self,
         timeout: std::time::Duration,
     ) -> Result<(), StateChangeError> {
         let deadline = Instant::now() + timeout;
+        if self.lock().engine.role() == Role::Primary {
+            if let Err(e) = BlockIo::flush(self).await {
+                tracing::error!(resource = %self.name, "flush before demotion: {e}");
+                return Err(StateChangeError::HeldOpen(format!(
+                    "flush before demotion failed: {e}"
+                )));
+            }
+        }
         loop {
             match self.demote() {
                 Err(StateChangeError::HeldOpen(_))
@@ -1650,7 +1731,7 @@ impl Volume {
                     // The caller (`Resource::primary`) persists the superblock with
                     // its Primary flag; a keeper write racing it could drop the flag.
                     if let Ok(forced) = result {
-                        self.promoted(inner, forced);
+                        deferred.extend(self.promoted(inner, forced));
                     }
                     deferred.push(Deferred::PromoteDone(result));
                 }

@@ -1,0 +1,150 @@
+//! Regression tests of the volume driver for engine bugs the simulator found
+//! (`docs/simulation.md`): B6 (demotion flushes the device first) and B7 (a forced
+//! promotion while connected makes the in-sync peer adopt the new current UUID).
+
+use super::*;
+use std::sync::atomic::AtomicUsize;
+
+const SIZE_BYTES: usize = 1 << 20;
+
+/// A memory disk that counts flushes.
+struct CountingDisk {
+    disk: crate::storage::mem::MemDisk,
+    flushes: AtomicUsize,
+}
+
+impl BlockIo for CountingDisk {
+    fn size_bytes(&self) -> u64 {
+        self.disk.size_bytes()
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, Vec<u8>> {
+        self.disk.read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
+        self.disk.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.disk.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.disk.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        self.disk.write_zeroes(offset, len, may_unmap)
+    }
+}
+
+/// Records every frame sent to the peer.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Frame<Bytes>>>);
+
+impl PeerTx for Recorder {
+    fn send(&self, frame: Frame<Bytes>) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(frame);
+        Box::pin(async { true })
+    }
+}
+
+impl Recorder {
+    fn frames(&self) -> Vec<Frame<Bytes>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn volume(disk: DiskState) -> (Arc<Volume>, Arc<CountingDisk>) {
+    let storage = Arc::new(CountingDisk {
+        disk: crate::storage::mem::MemDisk::new(SIZE_BYTES),
+        flushes: AtomicUsize::new(0),
+    });
+    let meta = VolumeMeta {
+        md: None,
+        uuids: GenerationUuids {
+            current: 0x1000,
+            bitmap: 0,
+            history: [0, 0],
+        },
+        crashed_primary: false,
+        activity_log: false,
+    };
+    let v = Volume::new(
+        "r0",
+        storage.clone(),
+        disk,
+        Protocol::C,
+        Bitmap::new(SIZE_BYTES as u64),
+        meta,
+    )
+    .expect("volume without meta-data");
+    (Arc::new(v), storage)
+}
+
+#[tokio::test]
+async fn b6_demotion_flushes_the_device_first() {
+    let (v, disk) = volume(DiskState::UpToDate);
+    v.promote(false).await.expect("promote");
+    BlockIo::write_at(&*v, 0, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .expect("write");
+    let before = disk.flushes.load(Ordering::SeqCst);
+    v.demote_waiting(std::time::Duration::from_secs(1))
+        .await
+        .expect("demote");
+    assert!(
+        disk.flushes.load(Ordering::SeqCst) > before,
+        "demoted without flushing the disk"
+    );
+    assert_eq!(v.lock().engine.role(), Role::Secondary);
+}
+
+#[tokio::test]
+async fn b7_forced_promotion_while_connected_hands_the_new_uuid_to_the_peer() {
+    let (v, _) = volume(DiskState::Consistent);
+    let tx = Arc::new(Recorder::default());
+    v.attach_peer(tx.clone(), Role::Secondary, DiskState::Consistent, true);
+    let old = v.uuids();
+    let grant = async {
+        // The peer grants the cluster-wide promotion once it was asked.
+        for _ in 0..1000 {
+            if tx
+                .frames()
+                .iter()
+                .any(|f| matches!(f, Frame::StateChangeRequest { .. }))
+            {
+                let reply = Frame::StateChangeReply {
+                    ok: true,
+                    reason: String::new(),
+                };
+                v.on_frame(reply).await;
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("no state-change request sent");
+    };
+    let (forced, ()) = tokio::join!(v.promote(true), grant);
+    assert_eq!(forced, Ok(true));
+    let mine = v.uuids();
+    assert_ne!(mine.current & !1, old.current & !1, "no new generation");
+    assert_eq!(mine.bitmap, 0, "the in-sync peer shares the generation");
+    let sent = tx.frames().into_iter().find_map(|f| match f {
+        Frame::Uuids { current, flags, .. } if flags & UUID_FLAG_NEW_CURRENT != 0 => Some(current),
+        _ => None,
+    });
+    assert_eq!(sent.map(|c| c & !1), Some(mine.current & !1));
+
+    // The peer's side: a connected, in-sync Secondary adopts it.
+    let (peer, _) = volume(DiskState::Consistent);
+    peer.attach_peer(
+        Arc::new(Recorder::default()),
+        Role::Primary,
+        DiskState::UpToDate,
+        false,
+    );
+    assert!(peer.adopt_new_current(mine.current));
+    let theirs = peer.uuids();
+    assert_eq!(theirs.current, mine.current & !1);
+    assert_eq!(theirs.history[0], old.current);
+    // Again: nothing changes.
+    assert!(!peer.adopt_new_current(mine.current));
+}
