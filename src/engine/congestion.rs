@@ -67,8 +67,6 @@ pub(crate) struct CongestionState {
     pub(crate) resync_asked: bool,
     /// Disconnect: the drop was asked for on this connection.
     pub(crate) drop_asked: bool,
-    /// Times this node went Ahead (counter for status and tests).
-    pub(crate) ahead_count: u64,
 }
 
 #[cfg(test)]

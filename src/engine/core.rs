@@ -1589,11 +1589,6 @@ impl Engine {
         self.cong.sent_pending_bytes + self.cong.tl_bytes
     }
 
-    /// Times this node went Ahead of its peer since it started.
-    pub fn ahead_count(&self) -> u64 {
-        self.cong.ahead_count
-    }
-
     /// Before a write is handed to the peer: checks the thresholds (protocol A,
     /// `Connected`, a policy other than `block`).
     fn check_congestion(&mut self, out: &mut Vec<Action>) {
@@ -1622,7 +1617,6 @@ impl Engine {
                 self.conn = ConnState::Ahead;
                 self.cong.drained_since_ms = None;
                 self.cong.resync_asked = false;
-                self.cong.ahead_count += 1;
                 out.push(Action::AnnounceState);
             }
             CongestionPolicy::Disconnect => {

@@ -34,7 +34,6 @@ pub(super) struct VolumeCongestion {
     requests: Mutex<VecDeque<LinkRequest>>,
     notify: tokio::sync::Notify,
     oos_sends: Arc<AtomicUsize>,
-    oos_dropped: AtomicU64,
 }
 
 impl VolumeCongestion {
@@ -52,7 +51,9 @@ impl VolumeCongestion {
         let n = self.oos_sends.fetch_add(1, Ordering::AcqRel);
         if n >= MAX_DETACHED_OOS_SENDS {
             self.oos_sends.fetch_sub(1, Ordering::AcqRel);
-            self.oos_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                "OutOfSync frame dropped: {MAX_DETACHED_OOS_SENDS} already wait for room"
+            );
             return;
         }
         let count = self.oos_sends.clone();
@@ -93,14 +94,6 @@ impl Volume {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-    }
-
-    /// Times this node went Ahead, and `OutOfSync` frames dropped for lack of room.
-    pub fn congestion_counters(&self) -> (u64, u64) {
-        (
-            self.lock().engine.ahead_count(),
-            self.congestion.oos_dropped.load(Ordering::Relaxed),
-        )
     }
 
     /// Reports the activity log's extents with writes in flight to the engine
