@@ -84,8 +84,19 @@ fn down_both_and_compare(c: &Cluster, size: u64) {
 
 /// qemu-io on a node's NBD export.
 fn qemu_io(c: &Cluster, node: &str, cmd: &str) {
+    qemu_io_all(c, node, &[cmd.to_string()]);
+}
+
+/// qemu-io running `cmds` in order in one client (`aio_write`s are in flight together).
+fn qemu_io_all(c: &Cluster, node: &str, cmds: &[String]) {
     need("qemu-io", "qemu-utils");
-    run_ok(60, "qemu-io", &["-f", "raw", "-c", cmd, &c.nbd_uri(node)]);
+    let uri = c.nbd_uri(node);
+    let mut args = vec!["-f", "raw"];
+    for cmd in cmds {
+        args.extend(["-c", cmd.as_str()]);
+    }
+    args.push(&uri);
+    run_ok(60, "qemu-io", &args);
 }
 
 fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
@@ -643,6 +654,26 @@ fn a_sync_target_can_be_primary_reads_come_from_the_peer() {
     // that block comes from the peer).
     qemu_io(&c, "beta", "write -P 0xab 1M 64k");
     qemu_io(&c, "beta", "write -P 0xcd 40965 3000");
+    // Eight 512-byte writes in flight together into one block not resynced yet
+    // (the resync runs from the start at 5 MiB/s): each is widened with the peer's
+    // copy of the block, and none may undo another.
+    let shared_block = 60 * MIB;
+    let mut cmds: Vec<String> = (0..8u64)
+        .map(|i| {
+            format!(
+                "aio_write -P 0x{:x} {} 512",
+                0x11 + i,
+                shared_block + i * 512
+            )
+        })
+        .collect();
+    cmds.push("aio_flush".to_string());
+    qemu_io_all(&c, "beta", &cmds);
+    assert_eq!(
+        status_of(&c, "beta")["connection"],
+        "SyncTarget",
+        "the sync ended before the shared-block writes: the test proves nothing"
+    );
     wait_in_sync(&c, 60, "resync with a Primary SyncTarget");
     let _ = c.adm("beta", &["secondary", "r0"]);
     c.adm_ok("alpha", &["down", "r0"]);
@@ -654,6 +685,13 @@ fn a_sync_target_can_be_primary_reads_come_from_the_peer() {
             "{n}"
         );
         assert_eq!(read_at(&c.img(n), 40965, 3000), vec![0xcd; 3000], "{n}");
+        for i in 0..8u64 {
+            assert_eq!(
+                read_at(&c.img(n), shared_block + i * 512, 512),
+                vec![0x11 + i as u8; 512],
+                "{n}: 512-byte write {i} into the shared block was undone"
+            );
+        }
     }
     assert_eq!(
         sha256_of(&c.img("alpha"), Some(size)),

@@ -268,6 +268,10 @@ pub struct Volume {
     diskless: diskless::Diskless,
     /// `on-congestion` plumbing (`congestion.rs`).
     congestion: congestion::VolumeCongestion,
+    /// Held by a Primary SyncTarget's write that covers part of an out-of-sync
+    /// block, from fetching that block until the widened write completes
+    /// (`sync_target.rs`).
+    widen_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -368,6 +372,7 @@ impl Volume {
             epoch: Instant::now(),
             diskless: diskless::Diskless::default(),
             congestion: congestion::VolumeCongestion::default(),
+            widen_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -2236,8 +2241,9 @@ impl BlockIo for Volume {
     fn write_at(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_range(offset, data.len() as u64)?;
-            // A Primary SyncTarget writes out-of-sync blocks whole.
-            let (offset, data) = self.sync_target_widen_write(offset, data).await?;
+            // A Primary SyncTarget writes out-of-sync blocks whole (`_widened` is
+            // held until the write completes).
+            let (offset, data, _widened) = self.sync_target_widen_write(offset, data).await?;
             let len = data.len() as u64;
             // Split to the peer's frame limit; the pieces do not overlap, so the
             // engine runs them side by side.

@@ -47,12 +47,17 @@ impl Volume {
     }
 
     /// Widens a write on a Primary SyncTarget so that it never covers part of an
-    /// out-of-sync block: such blocks are read from the peer and merged.
+    /// out-of-sync block: such blocks are read from the peer and merged. A widened
+    /// write comes with the guard of `widen_lock`, to hold until it completes: two
+    /// writes to different parts of one out-of-sync block would otherwise both
+    /// fetch the old block and the second to land would undo the first. The
+    /// second one waits, then finds the block in sync (the first cleared its bit)
+    /// and is not widened.
     pub(super) async fn sync_target_widen_write(
         &self,
         offset_bytes: u64,
         data: Bytes,
-    ) -> Result<(u64, Bytes), IoError> {
+    ) -> Result<(u64, Bytes, Option<tokio::sync::MutexGuard<'_, ()>>), IoError> {
         let len = data.len() as u64;
         let size = self.storage.size_bytes();
         let start = offset_bytes / BLOCK_SIZE_BYTES * BLOCK_SIZE_BYTES;
@@ -61,20 +66,26 @@ impl Volume {
             .saturating_mul(BLOCK_SIZE_BYTES)
             .min(size);
         if len == 0 || (start == offset_bytes && end == offset_bytes + len) {
-            return Ok((offset_bytes, data));
+            return Ok((offset_bytes, data, None));
         }
-        let (head, tail) = {
-            let g = self.lock();
-            if !Self::sync_target_primary(&g) {
-                return Ok((offset_bytes, data));
+        let tail_block = (offset_bytes + len - 1) / BLOCK_SIZE_BYTES * BLOCK_SIZE_BYTES;
+        let partial = |g: &Inner| {
+            if !Self::sync_target_primary(g) {
+                return (false, false);
             }
-            let head = start < offset_bytes && Self::any_out_of_sync(&g, start, 1);
-            let tail_block = (offset_bytes + len - 1) / BLOCK_SIZE_BYTES * BLOCK_SIZE_BYTES;
-            let tail = end > offset_bytes + len && Self::any_out_of_sync(&g, tail_block, 1);
+            let head = start < offset_bytes && Self::any_out_of_sync(g, start, 1);
+            let tail = end > offset_bytes + len && Self::any_out_of_sync(g, tail_block, 1);
             (head, tail)
         };
+        if partial(&self.lock()) == (false, false) {
+            return Ok((offset_bytes, data, None));
+        }
+        let guard = self.widen_lock.lock().await;
+        // Again under the guard: a widened write that just completed may have
+        // brought the block in sync.
+        let (head, tail) = partial(&self.lock());
         if !head && !tail {
-            return Ok((offset_bytes, data));
+            return Ok((offset_bytes, data, None));
         }
         // The whole block span from the peer, our bytes on top (the blocks in sync
         // in the middle are overwritten by ours anyway).
@@ -88,7 +99,6 @@ impl Volume {
             buf[..block.len()].copy_from_slice(&block);
         }
         if tail {
-            let tail_block = (offset_bytes + len - 1) / BLOCK_SIZE_BYTES * BLOCK_SIZE_BYTES;
             let block = self
                 .read_from_peer(tail_block, (end - tail_block) as usize)
                 .await?;
@@ -97,7 +107,7 @@ impl Volume {
         }
         let at = (offset_bytes - new_start) as usize;
         buf[at..at + data.len()].copy_from_slice(&data);
-        Ok((new_start, Bytes::from(buf)))
+        Ok((new_start, Bytes::from(buf), Some(guard)))
     }
 
     /// Called under the lock before an application write is submitted on a Primary
