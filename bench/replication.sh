@@ -12,66 +12,12 @@
 command -v qemu-storage-daemon >/dev/null || { echo "qemu-storage-daemon missing: apt-get install qemu-system-common (scripts/deps.sh installs qemu-system-x86)"; exit 1; }
 command -v qemu-nbd >/dev/null || { echo "qemu-nbd missing: apt-get install qemu-utils"; exit 1; }
 [ "${NOBUILD:-0}" = 1 ] || bench_build
-T=$(mktemp -d /tmp/rdb-bench.XXXXXX)
-PORT_A=$((20000 + RANDOM % 20000)); PORT_B=$((PORT_A + 1))
-ADM() { local n=$1; shift; mkdir -p "$T/run-$n"; timeout 60 "$BIN/rdbadm" -c "$T/rdb.conf" --node "$n" --run-dir "$T/run-$n" "$@"; }
-field() { ADM "$1" status r0 --json | python3 -c "import json,sys; r=json.load(sys.stdin)['resources'][0]; print($2)"; }
-wait_for() { # wait_for SECONDS CMD...: polls with a deadline
-  local deadline=$((SECONDS + $1)); shift
-  while ((SECONDS < deadline)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  return 1
-}
+bench_tmp
 kill_pidfile() { [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; }
-rdb_down() {
-  for n in alpha beta; do [ -d "$T/run-$n" ] && ADM "$n" down all >/dev/null 2>&1; done
-  # any rdbd left behind whose command line or environment names our run dirs
-  for p in $(pgrep -x rdbd 2>/dev/null); do
-    { tr '\0' ' ' < "/proc/$p/cmdline"; tr '\0' ' ' < "/proc/$p/environ"; } 2>/dev/null | grep -q "$T" && kill -9 "$p" 2>/dev/null
-  done
-  rm -rf "$T/run-alpha" "$T/run-beta"
-  return 0
-}
 qemu_down() { kill_pidfile "$T/qsd.pid"; kill_pidfile "$T/qnbd.pid"; rm -f "$T"/*.sock; return 0; }
 cleanup() { rdb_down; qemu_down; rm -rf "$T"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# setup_rdb PROTO|standalone -> serves nbd+unix://$T/run-alpha/r0.nbd
-setup_rdb() {
-  local proto=$1
-  rm -f "$T/alpha.img" "$T/beta.img"; truncate -s 1G "$T/alpha.img" "$T/beta.img"
-  cat > "$T/rdb.conf" <<CONF
-resource r0 {
-    device /dev/rdb-bench-$$;
-    meta-disk internal;
-    frontend none;
-    net { protocol ${proto/standalone/C}; }
-    # fresh meta-data counts as "degraded" for rdbadm up (60 s degr-wfc-timeout): no wait
-    startup { wfc-timeout 0; degr-wfc-timeout 0; }
-    on alpha { disk $T/alpha.img; address 127.0.0.1:$PORT_A; }
-    on beta { disk $T/beta.img; address 127.0.0.1:$PORT_B; }
-}
-CONF
-  if [ "$proto" = standalone ]; then
-    # the Primary alone: beta is never started, alpha stays Connecting
-    ADM alpha create-md r0 >/dev/null && ADM alpha up r0 >/dev/null && ADM alpha primary --force r0 >/dev/null 2>&1 || return 1
-    [ "$(field alpha 'r["role"]')" = Primary ] || { echo "rdb standalone: alpha is not Primary" >&2; return 1; }
-    return 0
-  fi
-  for n in alpha beta; do ADM "$n" create-md r0 >/dev/null && ADM "$n" up r0 >/dev/null || return 1; done
-  wait_for 60 sh -c "[ \"\$($BIN/rdbadm -c $T/rdb.conf --node alpha --run-dir $T/run-alpha cstate r0)\" = Connected ]" || { echo "rdb $proto: never Connected" >&2; return 1; }
-  # fresh pair, both Inconsistent: skip the initial full sync, then promote
-  ADM alpha new-current-uuid --clear-bitmap r0 >/dev/null || return 1
-  ADM alpha primary r0 >/dev/null 2>&1 || return 1
-  local ok=""
-  for _ in $(seq 150); do
-    ok=$(field alpha 'r["connection"]=="Connected" and r["peer_disk"]=="UpToDate" and r["role"]=="Primary"' 2>/dev/null) || true
-    [ "$ok" = True ] && break; sleep 0.2
-  done
-  [ "$ok" = True ] || { echo "rdb $proto: not Connected/UpToDate/Primary: $(ADM alpha status r0 2>&1)" >&2; return 1; }
-  proto_seen=$(field alpha 'r.get("protocol", "?")' 2>/dev/null || echo "?")
-  [ "$proto_seen" = "?" ] || [ "$proto_seen" = "$proto" ] || { echo "rdb: asked protocol $proto, status says $proto_seen" >&2; return 1; }
-}
 
 # setup_qemu -> serves nbd+unix:///src?socket=$T/qsd-export.sock with the mirror READY
 setup_qemu() {
