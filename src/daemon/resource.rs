@@ -947,13 +947,20 @@ const META_KEEPER_INTERVAL_MS: u64 = 1000;
 
 /// Writes what changed in the volume's meta-data: the superblock (UUIDs, disk state
 /// flags) as soon as it changes, and the dirty bitmap pages at least every second
-/// (bits not yet written are covered by the activity log after a crash).
+/// (bits not yet written are covered by the activity log after a crash). The
+/// periodic pass of a Primary outside a resync skips the fdatasync
+/// ([`Volume::persist_meta_lazily`]).
 async fn keep_meta(volume: Arc<Volume>) {
     loop {
-        volume
+        let asked = volume
             .meta_changed(Duration::from_millis(META_KEEPER_INTERVAL_MS))
             .await;
-        if let Err(e) = volume.persist_meta().await {
+        let r = if asked {
+            volume.persist_meta().await
+        } else {
+            volume.persist_meta_lazily().await
+        };
+        if let Err(e) = r {
             tracing::error!(resource = volume.name(), "meta-data update failed: {e}");
         }
     }

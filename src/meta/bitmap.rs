@@ -376,6 +376,13 @@ impl DirtyPages {
 
     /// Writes the pages to `md`'s bitmap area and fdatasyncs; returns the page count.
     pub fn write(&self, md: &MetaData) -> Result<u64, MetaError> {
+        self.write_with(md, true)
+    }
+
+    /// Writes the pages to `md`'s bitmap area, with an fdatasync when `sync`; returns
+    /// the page count. Unsynced pages survive a crash of the process (they are in the
+    /// kernel's page cache), not a power loss.
+    pub fn write_with(&self, md: &MetaData, sync: bool) -> Result<u64, MetaError> {
         if self.runs.is_empty() {
             return Ok(0);
         }
@@ -387,7 +394,9 @@ impl DirtyPages {
                 md.layout.bitmap_offset_bytes + first * PAGE_SIZE_BYTES,
             )?;
         }
-        md.sync(&file)?;
+        if sync {
+            md.sync(&file)?;
+        }
         Ok(self.page_count())
     }
 }
