@@ -311,15 +311,12 @@ async fn incompatible_after_sb_policies_are_refused_with_drbds_text() {
     p.a.compat.after_sb_0pri = AfterSb0Pri::DiscardLeastChanges;
     // Not retried: both sides give up at once (DRBD goes StandAlone).
     let (sa, sb) = (PeerStatus::new(), PeerStatus::new());
-    let (ra, rb) = timeout(
-        DEADLINE,
-        async {
-            tokio::join!(
-                connect_with_status(&p.a, &p.la, no_shutdown(), &sa),
-                connect_with_status(&p.b, &p.lb, no_shutdown(), &sb)
-            )
-        },
-    )
+    let (ra, rb) = timeout(DEADLINE, async {
+        tokio::join!(
+            connect_with_status(&p.a, &p.la, no_shutdown(), &sa),
+            connect_with_status(&p.b, &p.lb, no_shutdown(), &sb)
+        )
+    })
     .await
     .expect("an incompatible peer is not retried");
     for (r, s) in [(&ra, &sa), (&rb, &sb)] {

@@ -1102,8 +1102,7 @@ impl Volume {
     /// The optional frames the connection about to be attached may use (the
     /// handshake's negotiated `Hello` feature bits, `rdb_protocol::repl::FEATURE_*`).
     pub fn set_peer_features(&self, features: u64) {
-        self.lock().peer_resync_zeroes =
-            features & rdb_protocol::repl::FEATURE_RESYNC_ZEROES != 0;
+        self.lock().peer_resync_zeroes = features & rdb_protocol::repl::FEATURE_RESYNC_ZEROES != 0;
     }
 
     /// The peer is gone (`admin` = an administrator's `disconnect`).

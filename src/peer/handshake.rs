@@ -371,7 +371,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_refusing_our_settings_is_an_incompatibility() {
-        let reason = "incompatible after-sb-0pri settings (ours discard-least-changes, peer disconnect)";
+        let reason =
+            "incompatible after-sb-0pri settings (ours discard-least-changes, peer disconnect)";
         let (r, _) = against(
             FEATURES_SUPPORTED,
             vec![Frame::Disconnect {
@@ -383,8 +384,10 @@ mod tests {
         assert_eq!(e.kind(), crate::peer::PeerErrorKind::Incompatible);
         assert!(e.to_string().contains(reason), "{e}");
         // Our own check names our side first and tells the peer why.
-        let mut theirs = NetCompat::default();
-        theirs.after_sb_0pri = crate::config::AfterSb0Pri::DiscardLeastChanges;
+        let theirs = NetCompat {
+            after_sb_0pri: crate::config::AfterSb0Pri::DiscardLeastChanges,
+            ..NetCompat::default()
+        };
         let (r, sent) = against(FEATURES_SUPPORTED, vec![theirs.to_frame()]).await;
         let e = r.expect_err("refused");
         assert_eq!(e.kind(), crate::peer::PeerErrorKind::Incompatible);

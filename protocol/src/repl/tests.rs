@@ -467,5 +467,8 @@ fn features_are_the_bits_both_sides_announced() {
     // Bits of a newer peer we do not know are ignored; symmetric.
     let newer = all | 1 << 40;
     assert_eq!(negotiate_features(all, newer), all);
-    assert_eq!(negotiate_features(newer, all), negotiate_features(all, newer));
+    assert_eq!(
+        negotiate_features(newer, all),
+        negotiate_features(all, newer)
+    );
 }
