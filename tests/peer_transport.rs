@@ -309,8 +309,25 @@ async fn incompatible_after_sb_policies_are_refused_with_drbds_text() {
     use rdb::config::AfterSb0Pri;
     let mut p = pair().await;
     p.a.compat.after_sb_0pri = AfterSb0Pri::DiscardLeastChanges;
-    let (sa, sb) =
-        run_failing_pair(&p, PeerErrorKind::Incompatible, PeerErrorKind::Incompatible).await;
+    // Not retried: both sides give up at once (DRBD goes StandAlone).
+    let (sa, sb) = (PeerStatus::new(), PeerStatus::new());
+    let (ra, rb) = timeout(DEADLINE, async {
+        tokio::join!(
+            connect_with_status(&p.a, &p.la, no_shutdown(), &sa),
+            connect_with_status(&p.b, &p.lb, no_shutdown(), &sb)
+        )
+    })
+    .await
+    .expect("an incompatible peer is not retried");
+    for (r, s) in [(&ra, &sa), (&rb, &sb)] {
+        assert!(
+            matches!(r, Err(e) if e.kind() == PeerErrorKind::Incompatible),
+            "{:?}",
+            r.as_ref().err()
+        );
+        assert_eq!(s.get().phase, rdb::peer::PeerPhase::StandAlone);
+        assert_eq!(s.get().connections, 0);
+    }
     let text = sa.get().last_error.unwrap_or_default();
     assert!(
         text.contains("incompatible after-sb-0pri settings"),
@@ -389,7 +406,7 @@ async fn fake_alpha(addr: SocketAddr, proto: (u32, u32)) -> (TcpStream, Vec<u8>,
         &Frame::Hello {
             proto_min: proto.0,
             proto_max: proto.1,
-            features: 0,
+            features: rdb_protocol::repl::FEATURE_NET_SETTINGS,
             node_name: "alpha".into(),
             resource: "r0".into(),
             volumes: 1,

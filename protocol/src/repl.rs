@@ -40,6 +40,23 @@ pub const PROTO_VERSION_MAX: u32 = 1;
 
 /// `Hello::features` bit: this node has a shared secret configured and will authenticate.
 pub const FEATURE_AUTH: u64 = 1 << 0;
+/// `Hello::features` bit: this node understands `ResyncZeroes` (command 29); a
+/// SyncSource sends it only to a peer that announced this bit, otherwise a zero chunk
+/// goes as `ResyncData` with a zero payload.
+pub const FEATURE_RESYNC_ZEROES: u64 = 1 << 1;
+/// `Hello::features` bit: this node sends `NetSettings` (command 30) at the end of
+/// the handshake; both send it (and compare) only when both announced this bit.
+pub const FEATURE_NET_SETTINGS: u64 = 1 << 2;
+/// The optional frames this implementation supports, announced in every `Hello`
+/// (`FEATURE_AUTH` is added when a shared secret is configured).
+pub const FEATURES_SUPPORTED: u64 = FEATURE_RESYNC_ZEROES | FEATURE_NET_SETTINGS;
+
+/// The optional frames a connection may use: the bits of [`FEATURES_SUPPORTED`] both
+/// sides announced (`FEATURE_AUTH` is not negotiated this way: one side having a
+/// secret and not the other is a refusal). Unknown bits of a newer peer are ignored.
+pub fn negotiate_features(ours: u64, peer: u64) -> u64 {
+    ours & peer & FEATURES_SUPPORTED
+}
 
 /// `Data::flags` bit: force unit access (write through to stable storage).
 pub const DATA_FUA: u32 = 1 << 0;
@@ -343,7 +360,7 @@ pub enum Frame<P = Vec<u8>> {
         proto_min: u32,
         /// Newest protocol version spoken.
         proto_max: u32,
-        /// Feature bits ([`FEATURE_AUTH`]).
+        /// Feature bits ([`FEATURE_AUTH`], [`FEATURE_RESYNC_ZEROES`], [`FEATURE_NET_SETTINGS`]).
         features: u64,
         /// Sender's node name.
         node_name: String,

@@ -194,6 +194,20 @@ async fn run(
                 }
                 session(&link, conn, &mut want, &mut stop).await;
             }
+            Err(e) if e.kind() == peer::PeerErrorKind::Incompatible => {
+                // DRBD: "incompatible ... settings" drops to StandAlone until the
+                // administrator connects again (after fixing a configuration).
+                let reason = format!("{e}: StandAlone until `connect`");
+                tracing::error!(resource = %link.settings.resource, "cannot connect: {reason}");
+                if let Ok(mut g) = link.refusal.lock() {
+                    *g = Some(reason);
+                }
+                volume.set_connecting(false);
+                tokio::select! {
+                    _ = want.changed() => {}
+                    _ = wait_until(&mut stop, true) => break,
+                }
+            }
             Err(e) => {
                 tracing::error!(resource = %link.settings.resource, "cannot connect: {e}");
                 tokio::select! {
@@ -270,6 +284,7 @@ async fn session(
     // Racing state changes: the node whose name sorts first wins (both agree).
     // Requests of an earlier connection mean nothing for this one.
     volume.clear_link_requests();
+    volume.set_peer_features(conn.info.features);
     volume.attach_peer(
         tx.clone(),
         role,

@@ -380,6 +380,10 @@ pub enum StateChangeError {
         "State change failed: (-10) State change was refused by peer node (no reply within {0} ms)"
     )]
     NoReply(u64),
+    /// The flush before a demotion did not complete in time (the peer or the local
+    /// disk does not answer); the node stays Primary.
+    #[error("State change failed: (-10) the flush before demotion did not complete within {0} ms (peer or local disk not answering); still Primary")]
+    FlushTimeout(u64),
     /// The connection was lost while waiting for the peer's answer.
     #[error("State change failed: (-10) State change was refused by peer node (connection lost during the state change)")]
     Interrupted,
@@ -584,6 +588,12 @@ impl Engine {
     /// Sets how long a promotion waits for the peer's reply.
     pub fn set_state_change_timeout_ms(&mut self, timeout_ms: u64) {
         self.state_change_timeout_ms = timeout_ms.max(1);
+    }
+
+    /// How long a state change waits for the peer (promotion's reply, demotion's
+    /// flush).
+    pub fn state_change_timeout_ms(&self) -> u64 {
+        self.state_change_timeout_ms
     }
 
     /// Whether this node wins racing state changes on the current connection; the

@@ -107,6 +107,9 @@ struct Inner {
     resync: Option<ResyncProgress>,
     /// csums-alg: the resync sends checksums first.
     csums: Option<crate::engine::digest::BlockDigest>,
+    /// The connected peer announced `FEATURE_RESYNC_ZEROES`: zero resync chunks go
+    /// as `ResyncZeroes` (else as `ResyncData` of zeroes). Set before `attach_peer`.
+    peer_resync_zeroes: bool,
     /// Ranges the peer asked for after a checksum mismatch (sent as data next).
     resync_force_data: Vec<(u64, u64)>,
     /// verify-alg.
@@ -361,6 +364,7 @@ impl Volume {
                 peer_uuids: None,
                 resync: None,
                 csums: None,
+                peer_resync_zeroes: false,
                 resync_force_data: Vec::new(),
                 verify_alg: None,
                 verify: None,
@@ -543,18 +547,38 @@ impl Volume {
     /// which acknowledged them from its cache) loses them and nothing marks them
     /// (the activity log only covers a node that crashes as Primary). DRBD gets the
     /// same from the file system's flush at unmount, which it replicates. A failed
-    /// flush refuses the demotion.
+    /// flush refuses the demotion, and so does one that takes longer than the
+    /// state-change timeout (net `timeout`, `set_replication_limits`): a peer that
+    /// never answers cannot make `secondary` hang (DRBD: the state change fails).
     pub async fn demote_waiting(
         &self,
         timeout: std::time::Duration,
     ) -> Result<(), StateChangeError> {
         let deadline = Instant::now() + timeout;
-        if self.lock().engine.role() == Role::Primary {
-            if let Err(e) = BlockIo::flush(self).await {
-                tracing::error!(resource = %self.name, "flush before demotion: {e}");
-                return Err(StateChangeError::HeldOpen(format!(
-                    "flush before demotion failed: {e}"
-                )));
+        let (primary, flush_timeout_ms) = {
+            let g = self.lock();
+            (
+                g.engine.role() == Role::Primary,
+                g.engine.state_change_timeout_ms(),
+            )
+        };
+        if primary {
+            let limit = std::time::Duration::from_millis(flush_timeout_ms);
+            // A flush given up here stays in the engine until the peer answers or
+            // the connection is lost (its future's completion is then dropped).
+            match tokio::time::timeout(limit, BlockIo::flush(self)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(resource = %self.name, "flush before demotion: {e}");
+                    return Err(StateChangeError::HeldOpen(format!(
+                        "flush before demotion failed: {e}"
+                    )));
+                }
+                Err(_) => {
+                    let e = StateChangeError::FlushTimeout(flush_timeout_ms);
+                    tracing::error!(resource = %self.name, "{e}");
+                    return Err(e);
+                }
             }
         }
         loop {
@@ -1138,6 +1162,12 @@ impl Volume {
         drop(g);
         self.meta_changed.notify_one();
         self.spawn_deferred(deferred);
+    }
+
+    /// The optional frames the connection about to be attached may use (the
+    /// handshake's negotiated `Hello` feature bits, `rdb_protocol::repl::FEATURE_*`).
+    pub fn set_peer_features(&self, features: u64) {
+        self.lock().peer_resync_zeroes = features & rdb_protocol::repl::FEATURE_RESYNC_ZEROES != 0;
     }
 
     /// The peer is gone (`admin` = an administrator's `disconnect`).
@@ -1948,19 +1978,25 @@ impl Volume {
         data: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, IoError> {
         debug_assert!(data.is_empty() || data.len() as u64 == len);
-        // Zeroes go as a range without payload; the target writes zeroes, so both
-        // disks read the same (DRBD 9's rs_is_zero / P_RS_DEALLOCATED).
-        let zero = data.iter().all(|&b| b == 0);
-        let tx = {
+        let (tx, peer_zeroes) = {
             let mut g = self.lock();
             let tx = g.peer_tx.clone();
             if tx.is_some() {
                 g.resync_inflight.insert(id, (offset_bytes, len));
             }
-            tx
+            (tx, g.peer_resync_zeroes)
         };
+        // Zeroes go as a range without payload to a peer that knows the frame; the
+        // target writes zeroes, so both disks read the same (DRBD 9's rs_is_zero /
+        // P_RS_DEALLOCATED). A peer without it gets a hole's zeroes as data.
+        let zero = peer_zeroes && data.iter().all(|&b| b == 0);
         let Some(tx) = tx else {
             return Ok(None);
+        };
+        let data = if data.is_empty() && !peer_zeroes {
+            vec![0u8; len as usize]
+        } else {
+            data
         };
         // csums-alg: the checksum first; the peer asks for the data only if its
         // copy differs (ranges it asked for are sent as data).

@@ -63,6 +63,26 @@ fn incompatible(setting: &'static str, ours: &str, peer: &str) -> PeerError {
     }
 }
 
+/// Compares our keyword setting with the peer's wire code, seen from our side by
+/// `convert`; the error names both keywords (ours as in our configuration).
+fn check_keyword<T: PartialEq + Copy>(
+    setting: &'static str,
+    all: &[(&'static str, T)],
+    ours: T,
+    peer_code: u8,
+    convert: fn(T) -> T,
+) -> Result<(), PeerError> {
+    let (peer, peer_name) = name_of(all, peer_code);
+    if peer.map(convert) == Some(ours) {
+        return Ok(());
+    }
+    let ours_name = all
+        .iter()
+        .find(|&&(_, v)| v == ours)
+        .map_or("unknown", |&(s, _)| s);
+    Err(incompatible(setting, ours_name, &peer_name))
+}
+
 impl NetCompat {
     /// Our settings as a frame for the peer.
     pub fn to_frame(&self) -> PeerFrame {
@@ -109,35 +129,31 @@ impl NetCompat {
             return Err(incompatible("protocol", ours, &peer));
         }
         // The peer's discard-local is our discard-remote (DRBD's convert_after_sb).
-        let (p0, p0_name) = name_of(AfterSb0Pri::ALL, *after_sb_0pri);
-        let p0 = p0.map(|p| match p {
-            AfterSb0Pri::DiscardLocal => AfterSb0Pri::DiscardRemote,
-            AfterSb0Pri::DiscardRemote => AfterSb0Pri::DiscardLocal,
-            other => other,
-        });
-        if p0 != Some(self.after_sb_0pri) {
-            return Err(incompatible(
-                "after-sb-0pri",
-                self.after_sb_0pri.as_str(),
-                &p0_name,
-            ));
-        }
-        let (p1, p1_name) = name_of(AfterSb1Pri::ALL, *after_sb_1pri);
-        if p1 != Some(self.after_sb_1pri) {
-            return Err(incompatible(
-                "after-sb-1pri",
-                self.after_sb_1pri.as_str(),
-                &p1_name,
-            ));
-        }
-        let (p2, p2_name) = name_of(AfterSb2Pri::ALL, *after_sb_2pri);
-        if p2 != Some(self.after_sb_2pri) {
-            return Err(incompatible(
-                "after-sb-2pri",
-                self.after_sb_2pri.as_str(),
-                &p2_name,
-            ));
-        }
+        check_keyword(
+            "after-sb-0pri",
+            AfterSb0Pri::ALL,
+            self.after_sb_0pri,
+            *after_sb_0pri,
+            |p| match p {
+                AfterSb0Pri::DiscardLocal => AfterSb0Pri::DiscardRemote,
+                AfterSb0Pri::DiscardRemote => AfterSb0Pri::DiscardLocal,
+                other => other,
+            },
+        )?;
+        check_keyword(
+            "after-sb-1pri",
+            AfterSb1Pri::ALL,
+            self.after_sb_1pri,
+            *after_sb_1pri,
+            |p| p,
+        )?;
+        check_keyword(
+            "after-sb-2pri",
+            AfterSb2Pri::ALL,
+            self.after_sb_2pri,
+            *after_sb_2pri,
+            |p| p,
+        )?;
         let peer_two = flags & NET_ALLOW_TWO_PRIMARIES != 0;
         if peer_two != self.allow_two_primaries {
             let yn = |b: bool| if b { "yes" } else { "no" };

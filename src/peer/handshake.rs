@@ -3,13 +3,16 @@
 //! Both sides run the same symmetric sequence (no side waits for the other to speak
 //! first): send Hello, read Hello, check; if a secret is configured send
 //! AuthChallenge, read the peer's, send AuthResponse, read the peer's, verify, send
-//! AuthResult, read the peer's; then send NetSettings, read the peer's and compare
-//! ([`super::compat`], DRBD's "incompatible ... settings"). A refusal is announced with a Disconnect frame carrying
-//! the reason before the socket is closed.
+//! AuthResult, read the peer's; then, when both announced `FEATURE_NET_SETTINGS`,
+//! send NetSettings, read the peer's and compare ([`super::compat`], DRBD's
+//! "incompatible ... settings"). The optional frames both announced
+//! (`negotiate_features`) end up in [`PeerInfo::features`]. A refusal is announced
+//! with a Disconnect frame carrying the reason before the socket is closed.
 
 use bytes::{Bytes, BytesMut};
 use rdb_protocol::repl::{
-    Frame, FrameError, Header, FEATURE_AUTH, PROTO_VERSION_MAX, PROTO_VERSION_MIN,
+    negotiate_features, Frame, FrameError, Header, FEATURES_SUPPORTED, FEATURE_AUTH,
+    FEATURE_NET_SETTINGS, PROTO_VERSION_MAX, PROTO_VERSION_MIN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -98,10 +101,11 @@ pub(crate) async fn run(
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
     };
+    let our_features = FEATURES_SUPPORTED;
     io.write(&Frame::Hello {
         proto_min: PROTO_VERSION_MIN,
         proto_max: PROTO_VERSION_MAX,
-        features: if auth.is_some() { FEATURE_AUTH } else { 0 },
+        features: our_features | if auth.is_some() { FEATURE_AUTH } else { 0 },
         node_name: settings.node_name.clone(),
         resource: settings.resource.clone(),
         volumes: settings.volumes,
@@ -175,15 +179,27 @@ pub(crate) async fn run(
     if let Some(auth) = auth {
         authenticate(&mut io, settings, auth).await?;
     }
-    // The settings both sides must agree on (DRBD's P_PROTOCOL).
-    io.write(&settings.compat.to_frame()).await?;
-    let peer_settings = io.read().await?;
-    if let Err(e) = settings.compat.check(&peer_settings) {
-        return Err(io.refuse(e).await);
+    let peer_features = features;
+    let features = negotiate_features(our_features, peer_features);
+    // The settings both sides must agree on (DRBD's P_PROTOCOL), when both send them.
+    if features & FEATURE_NET_SETTINGS != 0 {
+        io.write(&settings.compat.to_frame()).await?;
+        let peer_settings = match io.read().await {
+            Ok(f) => f,
+            // The peer found our settings incompatible first: the same verdict.
+            Err(PeerError::Refused(reason)) if reason.starts_with(super::INCOMPATIBLE_PREFIX) => {
+                return Err(PeerError::IncompatiblePeer(reason));
+            }
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = settings.compat.check(&peer_settings) {
+            return Err(io.refuse(e).await);
+        }
     }
     let info = PeerInfo {
         proto_version,
-        peer_features: features,
+        peer_features,
+        features,
         peer_volumes: volumes,
         local_addr,
         remote_addr,
@@ -250,5 +266,134 @@ async fn authenticate(
             let e = unexpected("AuthResult", &other);
             Err(io.refuse(e).await)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::compat::NetCompat;
+    use rdb_protocol::repl::FEATURE_RESYNC_ZEROES;
+    use tokio::net::TcpListener;
+
+    fn settings(listen: std::net::SocketAddr) -> PeerSettings {
+        PeerSettings {
+            resource: "r0".into(),
+            node_name: "bravo".into(),
+            peer_name: "alpha".into(),
+            listen_addr: listen,
+            peer_addr: listen,
+            auth: None,
+            ping_int_ms: 1000,
+            ping_timeout_ms: 1000,
+            timeout_ms: 2000,
+            connect_int_ms: 100,
+            ko_count: 4,
+            sndbuf_size_bytes: 0,
+            rcvbuf_size_bytes: 0,
+            max_buffers: 16,
+            volumes: 1,
+            compat: NetCompat::default(),
+        }
+    }
+
+    /// Runs bravo's side of the handshake against a raw alpha that sends `script`
+    /// after its Hello (announcing `features`); returns bravo's result and every
+    /// frame bravo sent until it closed.
+    async fn against(
+        features: u64,
+        script: Vec<PeerFrame>,
+    ) -> (Result<PeerInfo, PeerError>, Vec<PeerFrame>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let alpha = tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("dial");
+            let mut io = Framed {
+                stream,
+                buf: BytesMut::new(),
+            };
+            io.write(&Frame::Hello {
+                proto_min: 1,
+                proto_max: 1,
+                features,
+                node_name: "alpha".into(),
+                resource: "r0".into(),
+                volumes: 1,
+            })
+            .await
+            .expect("send Hello");
+            for f in &script {
+                io.write(f).await.expect("send");
+            }
+            let mut got = Vec::new();
+            loop {
+                match io.read().await {
+                    Ok(f) => got.push(f),
+                    Err(PeerError::Refused(reason)) => got.push(Frame::Disconnect { reason }),
+                    Err(_) => return got,
+                }
+            }
+        });
+        let (stream, _) = listener.accept().await.expect("accept");
+        let r = run(stream, &settings(addr), None, false)
+            .await
+            .map(|(_, _, info)| info);
+        // Dropping bravo's stream (inside `r`'s Ok arm it is already dropped) ends
+        // alpha's reading.
+        let sent = alpha.await.expect("alpha task");
+        (r, sent)
+    }
+
+    #[tokio::test]
+    async fn a_first_version_peer_gets_no_net_settings_and_no_features() {
+        let (r, sent) = against(0, Vec::new()).await;
+        let info = r.expect("handshake");
+        assert_eq!(info.features, 0);
+        assert_eq!(info.peer_features, 0);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(
+            matches!(&sent[0], Frame::Hello { features, .. } if *features == FEATURES_SUPPORTED)
+        );
+    }
+
+    #[tokio::test]
+    async fn both_announcing_exchange_and_compare_net_settings() {
+        let ours = NetCompat::default().to_frame();
+        let (r, sent) = against(FEATURES_SUPPORTED, vec![ours.clone()]).await;
+        assert_eq!(r.expect("handshake").features, FEATURES_SUPPORTED);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!(sent[1], ours);
+        // Only ResyncZeroes in common: no NetSettings either way.
+        let (r, sent) = against(FEATURE_RESYNC_ZEROES, Vec::new()).await;
+        assert_eq!(r.expect("handshake").features, FEATURE_RESYNC_ZEROES);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_refusing_our_settings_is_an_incompatibility() {
+        let reason =
+            "incompatible after-sb-0pri settings (ours discard-least-changes, peer disconnect)";
+        let (r, _) = against(
+            FEATURES_SUPPORTED,
+            vec![Frame::Disconnect {
+                reason: reason.into(),
+            }],
+        )
+        .await;
+        let e = r.expect_err("refused");
+        assert_eq!(e.kind(), crate::peer::PeerErrorKind::Incompatible);
+        assert!(e.to_string().contains(reason), "{e}");
+        // Our own check names our side first and tells the peer why.
+        let theirs = NetCompat {
+            after_sb_0pri: crate::config::AfterSb0Pri::DiscardLeastChanges,
+            ..NetCompat::default()
+        };
+        let (r, sent) = against(FEATURES_SUPPORTED, vec![theirs.to_frame()]).await;
+        let e = r.expect_err("refused");
+        assert_eq!(e.kind(), crate::peer::PeerErrorKind::Incompatible);
+        assert!(
+            matches!(sent.last(), Some(Frame::Disconnect { reason }) if reason == "incompatible after-sb-0pri settings (ours disconnect, peer discard-least-changes)"),
+            "{sent:?}"
+        );
     }
 }

@@ -42,6 +42,9 @@ pub use auth::HmacAlg;
 /// A frame as the transport sends and delivers it (payloads are `Bytes`).
 pub type PeerFrame = Frame<Bytes>;
 
+/// How a refusal for incompatible net settings starts (DRBD's text).
+const INCOMPATIBLE_PREFIX: &str = "incompatible ";
+
 /// Quick retries during the first seconds of [`connect`], whatever `connect_int_ms` is.
 const FAST_RETRY_MS: u64 = 250;
 /// How long [`connect`] uses [`FAST_RETRY_MS`] before falling back to `connect_int_ms`.
@@ -237,6 +240,11 @@ pub enum PeerError {
         /// Both values.
         detail: String,
     },
+    /// The peer refused the connection because our net settings differ from its
+    /// own (its Disconnect reason, DRBD's text: `incompatible ... settings (ours X,
+    /// peer Y)` as the peer sees it).
+    #[error("peer refused the connection: {0}")]
+    IncompatiblePeer(String),
     /// The connection is closed or lost.
     #[error("connection closed")]
     Closed,
@@ -272,7 +280,7 @@ pub enum PeerErrorKind {
     AuthFailed,
     /// [`PeerError::Refused`].
     Refused,
-    /// [`PeerError::Incompatible`].
+    /// [`PeerError::Incompatible`] or [`PeerError::IncompatiblePeer`].
     Incompatible,
     /// [`PeerError::Closed`].
     Closed,
@@ -298,7 +306,9 @@ impl PeerError {
             PeerError::AuthMismatch { .. } => PeerErrorKind::AuthMismatch,
             PeerError::AuthFailed(_) => PeerErrorKind::AuthFailed,
             PeerError::Refused(_) => PeerErrorKind::Refused,
-            PeerError::Incompatible { .. } => PeerErrorKind::Incompatible,
+            PeerError::Incompatible { .. } | PeerError::IncompatiblePeer(_) => {
+                PeerErrorKind::Incompatible
+            }
             PeerError::Closed => PeerErrorKind::Closed,
             PeerError::Shutdown => PeerErrorKind::Shutdown,
         }
@@ -411,6 +421,9 @@ pub struct PeerInfo {
     pub proto_version: u32,
     /// Feature bits the peer announced.
     pub peer_features: u64,
+    /// Optional frames this connection may use: the feature bits both sides
+    /// announced ([`rdb_protocol::repl::negotiate_features`]).
+    pub features: u64,
     /// Number of volumes the peer announced.
     pub peer_volumes: u32,
     /// Our end of the TCP connection.
@@ -596,7 +609,10 @@ pub async fn connect(
 
 /// Keep trying until a connection is established and authenticated, or `shutdown`
 /// becomes true (=> [`PeerError::Shutdown`]). Invalid settings return
-/// [`PeerError::Config`] at once; every other failure (refused dial, wrong secret,
+/// [`PeerError::Config`] at once; net settings that differ from the peer's return
+/// at once too (kind [`PeerErrorKind::Incompatible`], detected here or announced by
+/// the peer): DRBD goes StandAlone then, retrying cannot help until the
+/// administrator changes a configuration. Every other failure (refused dial, wrong secret,
 /// resource mismatch, garbage from a stranger...) is logged, recorded in `status`
 /// (`last_error`, `auth_failures`) and retried. The dialling side (lower name) dials at
 /// once, every 250 ms for 5 s, then every `connect_int_ms`; both sides accept on
@@ -713,6 +729,9 @@ pub async fn connect_with_status(
                     ),
                 }
                 status.record_error(&e);
+                if e.kind() == PeerErrorKind::Incompatible {
+                    break Err(e);
+                }
             }
         }
     };

@@ -444,3 +444,31 @@ fn header_layout_is_as_documented() {
         [b'R', b'D', b'B', b'1', 11, 0, 0, 0, 0x0D, 0x0C, 0x0B, 0x0A, 4, 0, 0, 0, 4, 3, 2, 1]
     );
 }
+
+#[test]
+fn features_are_the_bits_both_sides_announced() {
+    let all = FEATURES_SUPPORTED;
+    // Distinct bits, AUTH not among the negotiated ones.
+    assert_eq!(FEATURE_AUTH & all, 0);
+    assert_eq!(FEATURE_RESYNC_ZEROES & FEATURE_NET_SETTINGS, 0);
+    assert_eq!(negotiate_features(all, all), all);
+    // A peer of the first version announces nothing (or only AUTH).
+    assert_eq!(negotiate_features(all, 0), 0);
+    assert_eq!(negotiate_features(all | FEATURE_AUTH, FEATURE_AUTH), 0);
+    // One feature on one side only: not used.
+    assert_eq!(
+        negotiate_features(all, FEATURE_NET_SETTINGS),
+        FEATURE_NET_SETTINGS
+    );
+    assert_eq!(
+        negotiate_features(FEATURE_RESYNC_ZEROES, all),
+        FEATURE_RESYNC_ZEROES
+    );
+    // Bits of a newer peer we do not know are ignored; symmetric.
+    let newer = all | 1 << 40;
+    assert_eq!(negotiate_features(all, newer), all);
+    assert_eq!(
+        negotiate_features(newer, all),
+        negotiate_features(all, newer)
+    );
+}

@@ -1,6 +1,8 @@
 //! Regression tests of the volume driver for engine bugs the simulator found
 //! (`docs/simulation.md`): B6 (demotion flushes the device first) and B7 (a forced
-//! promotion while connected makes the in-sync peer adopt the new current UUID).
+//! promotion while connected makes the in-sync peer adopt the new current UUID);
+//! the demotion's flush bounded by the state-change timeout; zero resync chunks sent
+//! as `ResyncZeroes` only to a peer that announced the feature.
 
 use super::*;
 use std::sync::atomic::AtomicUsize;
@@ -147,4 +149,90 @@ async fn b7_forced_promotion_while_connected_hands_the_new_uuid_to_the_peer() {
     assert_eq!(theirs.history[0], old.current);
     // Again: nothing changes.
     assert!(!peer.adopt_new_current(mine.current));
+}
+
+#[tokio::test]
+async fn demotion_is_refused_when_the_peer_never_answers_its_flush() {
+    let (v, _) = volume(DiskState::UpToDate);
+    v.promote(false).await.expect("promote");
+    v.set_replication_limits(2048, 200);
+    let tx = Arc::new(Recorder::default());
+    v.attach_peer(tx.clone(), Role::Secondary, DiskState::UpToDate, true);
+    let started = std::time::Instant::now();
+    // Before the bound the flush waited for a FlushAck forever.
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        v.demote_waiting(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .expect("demotion hangs on a silent peer");
+    assert_eq!(r, Err(StateChangeError::FlushTimeout(200)));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(v.lock().engine.role(), Role::Primary, "must stay Primary");
+    let flushes = |tx: &Recorder| {
+        tx.frames()
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Flush { id } => Some(*id),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(flushes(&tx).len(), 1, "the flush went to the peer");
+    // A peer that answers (both flushes, the abandoned one first): the demotion
+    // goes through.
+    let answer = async {
+        for _ in 0..5000 {
+            let ids = flushes(&tx);
+            if ids.len() >= 2 {
+                for id in ids {
+                    v.on_frame(Frame::FlushAck { id }).await;
+                }
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("no second flush sent");
+    };
+    let (r, ()) = tokio::join!(v.demote_waiting(std::time::Duration::from_secs(5)), answer);
+    assert_eq!(r, Ok(()));
+    assert_eq!(v.lock().engine.role(), Role::Secondary);
+}
+
+#[tokio::test]
+async fn zero_resync_chunks_go_as_resync_zeroes_only_to_a_peer_that_knows_them() {
+    const CHUNK_BYTES: u64 = 256 * 1024;
+    for features in [rdb_protocol::repl::FEATURE_RESYNC_ZEROES, 0] {
+        let (v, _) = volume(DiskState::UpToDate);
+        let tx = Arc::new(Recorder::default());
+        v.set_peer_features(features);
+        v.attach_peer(tx.clone(), Role::Secondary, DiskState::Inconsistent, true);
+        assert!(v.start_sync_source(true).await, "SyncSource");
+        // The memory disk reads as zeroes everywhere.
+        assert!(v.resync_chunk(0, CHUNK_BYTES).await.expect("resync read"));
+        let sent: Vec<_> = tx
+            .frames()
+            .into_iter()
+            .filter(|f| matches!(f, Frame::ResyncZeroes { .. } | Frame::ResyncData { .. }))
+            .collect();
+        assert_eq!(sent.len(), 1, "features {features}: {sent:?}");
+        match &sent[0] {
+            Frame::ResyncZeroes {
+                offset_bytes: 0,
+                len,
+                ..
+            } if features != 0 => assert_eq!(u64::from(*len), CHUNK_BYTES),
+            Frame::ResyncData {
+                offset_bytes: 0,
+                len,
+                payload,
+                ..
+            } if features == 0 => {
+                assert_eq!(u64::from(*len), CHUNK_BYTES);
+                assert_eq!(payload.len() as u64, CHUNK_BYTES);
+                assert!(payload.iter().all(|&b| b == 0));
+            }
+            other => panic!("features {features}: sent {other:?}"),
+        }
+    }
 }
