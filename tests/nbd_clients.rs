@@ -3,11 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure
 
+mod common;
 mod nbd_common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::qemu_img_convert_args;
 use nbd_common::{
     random_file, run, run_env, run_ok, run_python, sparse_file, FileDev, MapResolver, TestServer,
 };
@@ -115,16 +117,7 @@ async fn qemu_img_convert_to_and_from() {
 
     run_ok(
         "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ],
+        &qemu_img_convert_args(src.to_str().unwrap(), &uri, true),
         DEADLINE,
     )
     .await;
@@ -136,15 +129,7 @@ async fn qemu_img_convert_to_and_from() {
     let back = dir.path().join("back.raw");
     run_ok(
         "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            back.to_str().unwrap(),
-        ],
+        &qemu_img_convert_args(&uri, back.to_str().unwrap(), false),
         DEADLINE,
     )
     .await;
@@ -455,15 +440,7 @@ async fn tcp_listener() {
     let back = dir.path().join("back.raw");
     run_ok(
         "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            back.to_str().unwrap(),
-        ],
+        &qemu_img_convert_args(&uri, back.to_str().unwrap(), false),
         DEADLINE,
     )
     .await;

@@ -8,6 +8,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod pair;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
@@ -95,6 +96,27 @@ pub fn sha256_of(path: &Path, len: Option<u64>) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// The arguments of `qemu-img convert` copying the raw image `from` to the raw
+/// image `to` (each a file or an NBD URI); `into_existing` (`-n`): `to` exists
+/// and is written in place (an NBD export).
+pub fn qemu_img_convert_args<'a>(from: &'a str, to: &'a str, into_existing: bool) -> Vec<&'a str> {
+    let mut args = vec!["convert"];
+    if into_existing {
+        args.push("-n");
+    }
+    args.extend(["-f", "raw", "-O", "raw", from, to]);
+    args
+}
+
+/// Runs `qemu-img convert` (see [`qemu_img_convert_args`]) with a 120 s deadline.
+pub fn qemu_img_convert(from: &str, to: &str, into_existing: bool) {
+    run_ok(
+        120,
+        "qemu-img",
+        &qemu_img_convert_args(from, to, into_existing),
+    );
 }
 
 /// A test directory with two nodes' backing files and a config.
