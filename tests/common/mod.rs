@@ -11,6 +11,7 @@
 mod pair;
 pub mod proxy;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -117,6 +118,21 @@ pub fn qemu_img_convert(from: &str, to: &str, into_existing: bool) {
         "qemu-img",
         &qemu_img_convert_args(from, to, into_existing),
     );
+}
+
+/// The address `node`'s section of the config text `conf` names.
+pub fn address_of(conf: &str, node: &str) -> SocketAddr {
+    let start = conf.find(&format!("on {node}")).unwrap();
+    let line = conf[start..]
+        .lines()
+        .find(|l| l.contains("address"))
+        .unwrap();
+    line.trim()
+        .trim_start_matches("address")
+        .trim()
+        .trim_end_matches(';')
+        .parse()
+        .unwrap()
 }
 
 /// A test directory with two nodes' backing files and a config.
