@@ -58,14 +58,6 @@ fn qemu_io_all(c: &Cluster, node: &str, cmds: &[String]) {
     run_ok(60, "qemu-io", &args);
 }
 
-fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf
-}
-
 #[test]
 fn full_sync_shows_progress_on_both_sides_at_the_configured_rate() {
     need_root();
@@ -354,7 +346,7 @@ fn split_brain_is_detected_and_resolved_by_discard_my_data() {
         .is_ok_and(|s| s.lines().filter(|l| *l == "r0").count() == 2)),
         "split-brain handler not called with the resource on both nodes"
     );
-    assert_eq!(read_at(&c.img("beta"), MIB, 4), vec![0x22; 4]);
+    assert_eq!(read_bytes(&c.img("beta"), MIB, 4), vec![0x22; 4]);
     // Manual recovery, as in the DRBD guide: the victim discards its data.
     c.adm_ok("beta", &["connect", "--discard-my-data", "r0"]);
     c.adm_ok("alpha", &["connect", "r0"]);
@@ -362,9 +354,9 @@ fn split_brain_is_detected_and_resolved_by_discard_my_data() {
     down_both_and_compare(&c, size);
     // The survivor's data won everywhere; the victim's write is gone.
     for img in [c.img("alpha"), c.img("beta")] {
-        assert_eq!(read_at(&img, 0, 4), vec![0x11; 4]);
-        assert_eq!(read_at(&img, MIB, 4), vec![0; 4]);
-        assert_eq!(read_at(&img, 2 * MIB, 4), vec![0x33; 4]);
+        assert_eq!(read_bytes(&img, 0, 4), vec![0x11; 4]);
+        assert_eq!(read_bytes(&img, MIB, 4), vec![0; 4]);
+        assert_eq!(read_bytes(&img, 2 * MIB, 4), vec![0x33; 4]);
     }
 }
 
@@ -422,7 +414,7 @@ fn online_verify_finds_a_block_corrupted_on_the_secondary() {
     c.adm_ok("alpha", &["connect", "r0"]);
     c.wait_in_sync(60, "resync after verify");
     down_both_and_compare(&c, size);
-    assert_eq!(read_at(&c.img("beta"), offset, 4), vec![0x5a; 4]);
+    assert_eq!(read_bytes(&c.img("beta"), offset, 4), vec![0x5a; 4]);
 }
 
 #[test]
@@ -454,7 +446,7 @@ fn invalidate_invalidate_remote_and_outdate() {
         sent >= size - 4096,
         "invalidate resynced only {sent} of {size} bytes"
     );
-    assert_eq!(read_at(&c.img("beta"), 3 * MIB, 4), vec![0x77; 4]);
+    assert_eq!(read_bytes(&c.img("beta"), 3 * MIB, 4), vec![0x77; 4]);
     // `invalidate-remote` on the Primary: everything again, to the peer.
     let before = c.status("alpha")["resync_bytes_total"].as_u64().unwrap();
     c.adm_ok("alpha", &["invalidate-remote", "r0"]);
@@ -563,14 +555,14 @@ fn a_sync_target_can_be_primary_reads_come_from_the_peer() {
     c.adm_ok("beta", &["down", "r0"]);
     for n in ["alpha", "beta"] {
         assert_eq!(
-            read_at(&c.img(n), MIB, 64 * 1024),
+            read_bytes(&c.img(n), MIB, 64 * 1024),
             vec![0xab; 64 * 1024],
             "{n}"
         );
-        assert_eq!(read_at(&c.img(n), 40965, 3000), vec![0xcd; 3000], "{n}");
+        assert_eq!(read_bytes(&c.img(n), 40965, 3000), vec![0xcd; 3000], "{n}");
         for i in 0..8u64 {
             assert_eq!(
-                read_at(&c.img(n), shared_block + i * 512, 512),
+                read_bytes(&c.img(n), shared_block + i * 512, 512),
                 vec![0x11 + i as u8; 512],
                 "{n}: 512-byte write {i} into the shared block was undone"
             );

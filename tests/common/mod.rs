@@ -11,7 +11,9 @@
 mod pair;
 pub mod proxy;
 
+use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -133,6 +135,29 @@ pub fn address_of(conf: &str, node: &str) -> SocketAddr {
         .trim_end_matches(';')
         .parse()
         .unwrap()
+}
+
+/// Creates the sparse file `name` of `size_bytes` in `dir`.
+pub fn sparse(dir: &Path, name: &str, size_bytes: u64) -> PathBuf {
+    let path = dir.join(name);
+    File::create(&path).unwrap().set_len(size_bytes).unwrap();
+    path
+}
+
+/// `len` bytes of a file at `offset`, read with `pread`.
+pub fn read_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+/// Writes `buf` into a file at `offset` with `pwrite`.
+pub fn write_bytes(path: &Path, offset: u64, buf: &[u8]) {
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(buf, offset).unwrap();
 }
 
 /// A test directory with two nodes' backing files and a config.
