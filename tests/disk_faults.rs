@@ -85,23 +85,11 @@ fn detach_during_fio(spec: &str, failing: &str) {
     pair_with_faulty_primary(&c, spec);
     let size = c.data_size();
     let t0 = Instant::now();
+    let args = fio_verify_48m_args("detach", &c.nbd_uri("alpha"), "--output-format=terse");
     let fio = run(
         300,
         "fio",
-        &[
-            "--name=detach",
-            "--ioengine=nbd",
-            &format!("--uri={}", c.nbd_uri("alpha")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=48M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert!(
         fio.status.success(),

@@ -269,23 +269,11 @@ fn resync_under_load_never_loses_application_writes() {
     );
     let size = c.data_size();
     // Verify writes while the full sync runs.
+    let args = fio_verify_48m_args("load", &c.nbd_uri("alpha"), "--output=/dev/null");
     run_ok(
         300,
         "fio",
-        &[
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={}", c.nbd_uri("alpha")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=48M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output=/dev/null",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert_eq!(
         c.status("alpha")["connection"],

@@ -160,6 +160,29 @@ pub fn write_bytes(path: &Path, offset: u64, buf: &[u8]) {
     file.write_all_at(buf, offset).unwrap();
 }
 
+/// fio arguments: job `name` writes 48 MiB in 4 KiB random writes at queue depth 16
+/// through the NBD `uri`, then verifies them (crc32c, failing at the first
+/// mismatch); `output` is fio's output option (e.g. `--output=/dev/null`).
+pub fn fio_verify_48m_args(name: &str, uri: &str, output: &str) -> Vec<String> {
+    [
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=48M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        output,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A test directory with two nodes' backing files and a config.
 pub struct Cluster {
     /// The directory holding everything.
