@@ -394,23 +394,11 @@ fn fio_over_a_stalled_link(tag: &str, extra_net: &str) -> (Cluster, Proxy, Proxy
     to_alpha.stall(Dir::FromTarget, true);
     let uri = c.nbd_uri("alpha");
     let fio = std::thread::spawn(move || {
+        let args = fio_verify_48m_args("stalled", &uri, "--output=/dev/null");
         run(
             60,
             "fio",
-            &[
-                "--name=stalled",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=48M",
-                "--verify=crc32c",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output=/dev/null",
-            ],
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
         )
     });
     let t0 = Instant::now();
