@@ -98,6 +98,34 @@ fn spawn_writer(uri: &str, log: &Path, seed: u64, gen_base: u64, stop: PathBuf) 
     Writer { child, stop }
 }
 
+/// Starts the successive writers of one log: each with the next seed and its own
+/// range of generations.
+struct Writers {
+    log: PathBuf,
+    stop: PathBuf,
+    seed: u64,
+    gen_base: u64,
+}
+
+impl Writers {
+    /// Starts a writer on `primary`'s NBD socket and waits until it has `n` writes
+    /// acknowledged (`what`: the failure message).
+    fn start(&mut self, c: &Cluster, primary: &str, n: u64, what: &str) -> Writer {
+        self.seed += 1;
+        let acks_before = read_acks(&self.log);
+        let w = spawn_writer(
+            &c.nbd_uri(primary),
+            &self.log,
+            self.seed,
+            self.gen_base,
+            self.stop.clone(),
+        );
+        self.gen_base += 10_000_000;
+        wait_acks(c, &self.log, acks_before, n, what);
+        w
+    }
+}
+
 impl Writer {
     /// Asks the writer to stop and waits for it; returns its count of acked writes
     /// (0 when it was already stopped).
@@ -198,24 +226,11 @@ fn check_disk(ledger: &Ledger, disk: &[u8], name: &str, cycle: &str) -> u64 {
     verified
 }
 
-fn st(c: &Cluster, n: &str) -> serde_json::Value {
-    c.status(n)
-}
-
-fn in_sync(c: &Cluster) -> bool {
-    let (a, b) = (st(c, "alpha"), st(c, "beta"));
-    a["connection"] == "Connected"
-        && b["connection"] == "Connected"
-        && a["disk"] == "UpToDate"
-        && b["disk"] == "UpToDate"
-        && a["out_of_sync_bytes"] == 0
-        && b["out_of_sync_bytes"] == 0
-}
-
+/// [`Cluster::wait_or_dump`] that also keeps both nodes' logs for the post-mortem
+/// (the cluster dir is removed).
 fn wait_or_dump(c: &Cluster, timeout_s: u64, what: &str, f: impl FnMut() -> bool) {
     let ok = wait_for(Duration::from_secs(timeout_s), f);
     if !ok {
-        // Keep both nodes' logs for the post-mortem (the cluster dir is removed).
         let keep = format!("/tmp/rdb-crash-loop-failure-{}", std::process::id());
         for n in ["alpha", "beta"] {
             let _ = std::fs::create_dir_all(&keep);
@@ -223,14 +238,7 @@ fn wait_or_dump(c: &Cluster, timeout_s: u64, what: &str, f: impl FnMut() -> bool
         }
         eprintln!("logs kept in {keep}");
     }
-    assert!(
-        ok,
-        "{what} (after {timeout_s} s)\nalpha: {}\nbeta: {}\nalpha log:\n{}\nbeta log:\n{}",
-        st(c, "alpha"),
-        st(c, "beta"),
-        c.log_tail("alpha"),
-        c.log_tail("beta")
-    );
+    assert!(ok, "{what} (after {timeout_s} s)\n{}", c.dump());
 }
 
 fn kill9(c: &Cluster, node: &str) {
@@ -288,25 +296,18 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         "ping-int 1; ping-timeout 5; connect-int 1;",
         "frontend none;",
     );
-    for n in ["alpha", "beta"] {
-        c.adm_ok(n, &["create-md", "--force", "r0"]);
-        c.adm_ok(n, &["up", "r0"]);
-    }
-    wait_or_dump(&c, 30, "never connected", || {
-        st(&c, "alpha")["connection"] == "Connected" && st(&c, "beta")["connection"] == "Connected"
-    });
-    let out = c.adm_ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
-    assert!(out.contains("initial sync skipped"), "{out}");
-    wait_or_dump(&c, 30, "not in sync after new-current-uuid", || in_sync(&c));
-    c.adm_ok("alpha", &["primary", "r0"]);
-    let size = st(&c, "alpha")["size_bytes"].as_u64().unwrap();
+    c.fresh_pair_with_primary();
+    let size = c.data_size();
 
     let log = c.dir.join("writes.log");
-    let stop = c.dir.join("writer.stop");
+    let mut writers = Writers {
+        log: log.clone(),
+        stop: c.dir.join("writer.stop"),
+        seed,
+        gen_base: 1,
+    };
     let t0 = Instant::now();
     let mut primary = "alpha";
-    let mut gen_base = 1u64;
-    let mut writer_seed = seed;
     let mut kills: HashMap<(&str, &str), u64> = HashMap::new();
     let mut resync_kills: HashMap<&str, u64> = HashMap::new();
     let mut bytes_verified = 0u64;
@@ -321,23 +322,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             "cycle {cycle} (kill -9 of {} {victim} after {delay_ms} ms)",
             if kill_primary { "Primary" } else { "Secondary" }
         );
-        let acks_before = read_acks(&log);
-        writer_seed += 1;
-        let mut w = spawn_writer(
-            &c.nbd_uri(primary),
-            &log,
-            writer_seed,
-            gen_base,
-            stop.clone(),
-        );
-        gen_base += 10_000_000;
-        wait_acks(
-            &c,
-            &log,
-            acks_before,
-            20,
-            &format!("{tag}: writer never started"),
-        );
+        let mut w = writers.start(&c, primary, 20, &format!("{tag}: writer never started"));
         std::thread::sleep(Duration::from_millis(delay_ms));
         kill9(&c, victim);
         *kills
@@ -351,28 +336,16 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
                 &c,
                 30,
                 &format!("{tag}: survivor never lost the peer"),
-                || st(&c, secondary)["connection"] != "Connected",
+                || c.status(secondary)["connection"] != "Connected",
             );
             c.adm_ok(secondary, &["primary", "r0"]);
             primary = secondary;
-            writer_seed += 1;
-            let a = read_acks(&log);
-            let w = spawn_writer(
-                &c.nbd_uri(primary),
-                &log,
-                writer_seed,
-                gen_base,
-                stop.clone(),
-            );
-            gen_base += 10_000_000;
-            wait_acks(
+            writers.start(
                 &c,
-                &log,
-                a,
+                primary,
                 50,
                 &format!("{tag}: no writes on the new Primary"),
-            );
-            w
+            )
         } else {
             let a = read_acks(&log);
             wait_acks(&c, &log, a, 50, &format!("{tag}: Primary stopped serving"));
@@ -381,7 +354,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         // The killed node returns as Secondary and resyncs while writes go on.
         c.adm_ok(victim, &["up", "r0"]);
         wait_or_dump(&c, 60, &format!("{tag}: never reconnected"), || {
-            let s = st(&c, victim);
+            let s = c.status(victim);
             s["connection"] != "Connecting" && s["connection"] != "StandAlone"
         });
         // Half of the cycles kill again during that resync (it runs at c-min-rate
@@ -396,12 +369,12 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         };
         let reached = !who.is_empty()
             && wait_for(Duration::from_secs(10), || {
-                st(&c, who)["connection"] == state
+                c.status(who)["connection"] == state
             });
         if !who.is_empty() && !reached {
             eprintln!(
                 "{tag}: {who} never {state} in 10 s: {}",
-                st(&c, who)["connection"]
+                c.status(who)["connection"]
             );
         }
         if reached {
@@ -414,26 +387,15 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
             }
             c.adm_ok(who, &["up", "r0"]);
             wait_or_dump(&c, 60, &format!("{tag}: {who} never reconnected"), || {
-                let s = st(&c, who);
+                let s = c.status(who);
                 s["connection"] != "Connecting" && s["connection"] != "StandAlone"
             });
             if who == primary {
                 // The peer is Inconsistent: only the returned Primary has the data.
                 c.adm_ok(primary, &["primary", "r0"]);
-                writer_seed += 1;
-                let a = read_acks(&log);
-                w = spawn_writer(
-                    &c.nbd_uri(primary),
-                    &log,
-                    writer_seed,
-                    gen_base,
-                    stop.clone(),
-                );
-                gen_base += 10_000_000;
-                wait_acks(
+                w = writers.start(
                     &c,
-                    &log,
-                    a,
+                    primary,
                     50,
                     &format!("{tag}: no writes after the second return"),
                 );
@@ -449,7 +411,7 @@ fn kill_nine_of_primary_and_secondary_loses_no_acknowledged_write() {
         );
         w.stop();
         wait_or_dump(&c, 120, &format!("{tag}: no resync to UpToDate"), || {
-            in_sync(&c)
+            c.in_sync()
         });
         // Independent check of both backing files.
         let ledger = read_ledger(&log);
@@ -500,17 +462,8 @@ fn resync_finishes_after_a_kill_of_the_sync_target_mid_resync() {
         "ping-int 1; ping-timeout 5; connect-int 1;",
         "frontend none;\n    disk { resync-rate 8M; }",
     );
-    for n in ["alpha", "beta"] {
-        c.adm_ok(n, &["create-md", "--force", "r0"]);
-        c.adm_ok(n, &["up", "r0"]);
-    }
-    wait_or_dump(&c, 30, "never connected", || {
-        st(&c, "alpha")["connection"] == "Connected" && st(&c, "beta")["connection"] == "Connected"
-    });
-    c.adm_ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
-    wait_or_dump(&c, 30, "not in sync", || in_sync(&c));
-    c.adm_ok("alpha", &["primary", "r0"]);
-    let size = st(&c, "alpha")["size_bytes"].as_u64().unwrap();
+    c.fresh_pair_with_primary();
+    let size = c.data_size();
     // 24 MiB written while beta is away: a 3 s resync at 8 MiB/s.
     c.adm_ok("beta", &["disconnect", "r0"]);
     let script = r#"
@@ -523,7 +476,7 @@ h.flush()
     run_ok(60, "/usr/bin/python3", &["-c", script, &c.nbd_uri("alpha")]);
     c.adm_ok("beta", &["connect", "r0"]);
     wait_or_dump(&c, 30, "no resync started", || {
-        let b = st(&c, "beta");
+        let b = c.status("beta");
         b["connection"] == "SyncTarget" && b["resync_bytes_total"].as_u64().unwrap_or(0) >= 4 << 20
     });
     // Stopped first, so that the SyncSource has chunks sent and not acknowledged
@@ -537,7 +490,7 @@ h.flush()
         &c,
         60,
         "the resync after the SyncTarget's return never finished",
-        || in_sync(&c),
+        || c.in_sync(),
     );
     c.adm_ok("alpha", &["secondary", "r0"]);
     for n in ["alpha", "beta"] {

@@ -43,27 +43,6 @@ fn adm_with_faults(c: &Cluster, node: &str, spec: &str, args: &[&str]) -> String
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn in_sync(c: &Cluster) -> bool {
-    let (a, b) = (c.status("alpha"), c.status("beta"));
-    a["connection"] == "Connected"
-        && b["connection"] == "Connected"
-        && a["disk"] == "UpToDate"
-        && b["disk"] == "UpToDate"
-        && a["out_of_sync_bytes"] == 0
-        && b["out_of_sync_bytes"] == 0
-}
-
-fn wait_or_dump(c: &Cluster, timeout_s: u64, what: &str, f: impl FnMut() -> bool) {
-    assert!(
-        wait_for(Duration::from_secs(timeout_s), f),
-        "{what} (after {timeout_s} s)\nalpha: {}\nbeta: {}\nalpha log:\n{}\nbeta log:\n{}",
-        c.status("alpha"),
-        c.status("beta"),
-        c.log_tail("alpha"),
-        c.log_tail("beta")
-    );
-}
-
 /// A fresh pair (initial sync skipped), alpha Primary with `spec` on its data area.
 fn pair_with_faulty_primary(c: &Cluster, spec: &str) {
     for n in ["alpha", "beta"] {
@@ -71,13 +50,7 @@ fn pair_with_faulty_primary(c: &Cluster, spec: &str) {
     }
     adm_with_faults(c, "alpha", spec, &["up", "r0"]);
     c.adm_ok("beta", &["up", "r0"]);
-    wait_or_dump(c, 30, "never connected", || {
-        c.status("alpha")["connection"] == "Connected"
-            && c.status("beta")["connection"] == "Connected"
-    });
-    let out = c.adm_ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
-    assert!(out.contains("initial sync skipped"), "{out}");
-    wait_or_dump(c, 30, "not in sync", || in_sync(c));
+    c.skip_initial_sync();
     c.adm_ok("alpha", &["primary", "r0"]);
 }
 
@@ -110,25 +83,13 @@ fn detach_during_fio(spec: &str, failing: &str) {
         "frontend none;\n    disk { on-io-error detach; }",
     );
     pair_with_faulty_primary(&c, spec);
-    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
+    let size = c.data_size();
     let t0 = Instant::now();
+    let args = fio_verify_48m_args("detach", &c.nbd_uri("alpha"), "--output-format=terse");
     let fio = run(
         300,
         "fio",
-        &[
-            "--name=detach",
-            "--ioengine=nbd",
-            &format!("--uri={}", c.nbd_uri("alpha")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=48M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert!(
         fio.status.success(),
@@ -181,14 +142,10 @@ print("ok")
         matches!(a["disk"].as_str(), Some("Inconsistent")),
         "a detached disk came back as {a}"
     );
-    wait_or_dump(&c, 120, "no resync after the re-attach", || in_sync(&c));
+    c.wait_or_dump(120, "no resync after the re-attach", || c.in_sync());
     c.adm_ok("alpha", &["down", "r0"]);
     c.adm_ok("beta", &["down", "r0"]);
-    assert_eq!(
-        sha256_of(&c.img("alpha"), Some(size)),
-        sha256_of(&c.img("beta"), Some(size)),
-        "data areas differ after the re-attach resync"
-    );
+    c.assert_same_data(size, "after the re-attach resync");
 }
 
 /// Writes and reads a few blocks through libnbd; prints one result per line.
@@ -259,15 +216,10 @@ fn on_io_error_call_local_io_error_runs_the_handler_and_detaches() {
     need_root();
     let c = Cluster::with_sections("localioerr", "C", "64M", "", "");
     let handler_log = c.dir.join("local-io-error.log");
-    let conf = std::fs::read_to_string(&c.conf).unwrap().replacen(
-        "flexible-meta-disk internal;",
-        &format!(
-            "flexible-meta-disk internal;\n    frontend none;\n    disk {{ on-io-error call-local-io-error; }}\n    handlers {{ local-io-error \"echo $DRBD_RESOURCE $RDB_RESOURCE >> {}\"; }}",
-            handler_log.display()
-        ),
-        1,
-    );
-    std::fs::write(&c.conf, conf).unwrap();
+    c.add_to_resource(&format!(
+        "frontend none;\n    disk {{ on-io-error call-local-io-error; }}\n    handlers {{ local-io-error \"echo $DRBD_RESOURCE $RDB_RESOURCE >> {}\"; }}",
+        handler_log.display()
+    ));
     let bad = 4u64 << 20;
     pair_with_faulty_primary(&c, &format!("range={bad}-{}:rw", bad + 4096));
     let r = probe(&c, bad);
@@ -290,7 +242,7 @@ fn on_io_error_call_local_io_error_runs_the_handler_and_detaches() {
     // Diskless without its peer: no data anywhere, I/O fails, the daemon serves on.
     let pid = std::fs::read_to_string(c.run_dir("beta").join("rdbd.pid")).unwrap();
     run_ok(10, "kill", &["-9", pid.trim()]);
-    wait_or_dump(&c, 20, "alpha never lost beta", || {
+    c.wait_or_dump(20, "alpha never lost beta", || {
         c.status("alpha")["connection"] != "Connected"
     });
     let r = probe(&c, bad);

@@ -114,20 +114,7 @@ fn nbd_clients_see_the_right_device_and_data() {
             &format!("head -c 64M /dev/urandom > {}", input.display()),
         ],
     );
-    run_ok(
-        120,
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &input.display().to_string(),
-            &uri,
-        ],
-    );
+    qemu_img_convert(&input.display().to_string(), &uri, true);
     run_ok(
         120,
         "qemu-img",

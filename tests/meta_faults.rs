@@ -12,9 +12,7 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use rdb::meta::al::{encode_transaction, write_transaction, AlTransaction};
@@ -23,26 +21,6 @@ use rdb::meta::{
     create_md, flags, read_md, write_superblock, ActivityLog, Bitmap, CreateOptions, MetaData,
     MetaError, MetaLocation,
 };
-
-fn sparse(dir: &Path, name: &str, size_bytes: u64) -> PathBuf {
-    let path = dir.join(name);
-    File::create(&path).unwrap().set_len(size_bytes).unwrap();
-    path
-}
-
-fn read_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap();
-    buf
-}
-
-fn write_bytes(path: &Path, offset: u64, buf: &[u8]) {
-    let file = OpenOptions::new().write(true).open(path).unwrap();
-    file.write_all_at(buf, offset).unwrap();
-}
 
 /// Size of the sparse backing disks: 2047 extents of 4 MiB, room for big hot sets.
 const DISK_BYTES: u64 = 8 << 30;

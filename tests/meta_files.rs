@@ -4,11 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on setup failure
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::fs::File;
+use std::path::Path;
 use std::process::Command;
 
+use common::{read_bytes, sparse, write_bytes};
 use rdb::meta::al::{self, encode_transaction, write_transaction};
 use rdb::meta::{
     create_md, flags, read_md, wipe_md, write_superblock, ActivityLog, Bitmap, CreateOptions,
@@ -18,27 +20,6 @@ use rdb::meta::{
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
-
-fn sparse(dir: &Path, name: &str, size_bytes: u64) -> PathBuf {
-    let path = dir.join(name);
-    let file = File::create(&path).unwrap();
-    file.set_len(size_bytes).unwrap();
-    path
-}
-
-fn read_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap();
-    buf
-}
-
-fn write_bytes(path: &Path, offset: u64, buf: &[u8]) {
-    let file = OpenOptions::new().write(true).open(path).unwrap();
-    file.write_all_at(buf, offset).unwrap();
-}
 
 #[test]
 fn internal_round_trip() {

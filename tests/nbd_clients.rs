@@ -3,17 +3,37 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is a failure
 
+mod common;
 mod nbd_common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::qemu_img_convert_args;
 use nbd_common::{
     random_file, run, run_env, run_ok, run_python, sparse_file, FileDev, MapResolver, TestServer,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const MIB: usize = 1024 * 1024;
+
+/// A sparse `dev.img` of `size_bytes` in `dir`, served as the export `name`.
+fn serve_sparse(
+    dir: &std::path::Path,
+    name: &str,
+    size_bytes: usize,
+    read_only: bool,
+) -> (std::path::PathBuf, TestServer) {
+    let path = dir.join("dev.img");
+    sparse_file(&path, size_bytes as u64);
+    let server = TestServer::start(MapResolver::default().with_export(
+        name,
+        "",
+        FileDev::open(&path),
+        read_only,
+    ));
+    (path, server)
+}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))
@@ -101,30 +121,14 @@ async fn nbdinfo_size_flags_list_and_map() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_convert_to_and_from() {
     let dir = tempfile::tempdir().unwrap();
-    let dev_path = dir.path().join("dev.img");
-    sparse_file(&dev_path, 64 * MIB as u64);
+    let (dev_path, server) = serve_sparse(dir.path(), "vol", 64 * MIB, false);
     let src = dir.path().join("src.raw");
     let data = random_file(&src, 64 * MIB);
-    let server = TestServer::start(MapResolver::default().with_export(
-        "vol",
-        "",
-        FileDev::open(&dev_path),
-        false,
-    ));
     let uri = server.uri("vol");
 
     run_ok(
         "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ],
+        &qemu_img_convert_args(src.to_str().unwrap(), &uri, true),
         DEADLINE,
     )
     .await;
@@ -136,15 +140,7 @@ async fn qemu_img_convert_to_and_from() {
     let back = dir.path().join("back.raw");
     run_ok(
         "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            back.to_str().unwrap(),
-        ],
+        &qemu_img_convert_args(&uri, back.to_str().unwrap(), false),
         DEADLINE,
     )
     .await;
@@ -158,10 +154,7 @@ async fn qemu_img_convert_to_and_from() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_pattern_write_read() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dev.img");
-    sparse_file(&path, 8 * MIB as u64);
-    let server =
-        TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
+    let (path, server) = serve_sparse(dir.path(), "", 8 * MIB, false);
     let uri = server.uri("");
     let out = run_ok(
         "qemu-io",
@@ -203,10 +196,7 @@ async fn qemu_io_pattern_write_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_randwrite_verify_qd32_two_jobs() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dev.img");
-    sparse_file(&path, 32 * MIB as u64);
-    let server =
-        TestServer::start(MapResolver::default().with_export("", "", FileDev::open(&path), false));
+    let (_, server) = serve_sparse(dir.path(), "", 32 * MIB, false);
     let uri = format!("--uri={}", server.uri(""));
     let out = run_ok(
         "fio",
@@ -276,10 +266,7 @@ print("ok")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdsh_errors_then_still_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dev.img");
-    sparse_file(&path, MIB as u64);
-    let server =
-        TestServer::start(MapResolver::default().with_export("d", "", FileDev::open(&path), false));
+    let (_, server) = serve_sparse(dir.path(), "d", MIB, false);
     let out = run_python(ERRORS_SCRIPT, &[&server.uri("d")], DEADLINE).await;
     assert_eq!(out.trim(), "ok");
     server.stop().await;
@@ -303,10 +290,7 @@ print("ok")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_export_rejects_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dev.img");
-    sparse_file(&path, MIB as u64);
-    let server =
-        TestServer::start(MapResolver::default().with_export("ro", "", FileDev::open(&path), true));
+    let (_, server) = serve_sparse(dir.path(), "ro", MIB, true);
     let out = run_python(READ_ONLY_SCRIPT, &[&server.uri("ro")], DEADLINE).await;
     assert_eq!(out.trim(), "ok");
     server.stop().await;
@@ -374,14 +358,7 @@ print("ok")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_name_fallback() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dev.img");
-    sparse_file(&path, MIB as u64);
-    let server = TestServer::start(MapResolver::default().with_export(
-        "old",
-        "",
-        FileDev::open(&path),
-        false,
-    ));
+    let (path, server) = serve_sparse(dir.path(), "old", MIB, false);
     let out = run_python(EXPORT_NAME_SCRIPT, &[&server.uri("old")], DEADLINE).await;
     assert_eq!(out.trim(), "ok");
     let disk = std::fs::read(&path).unwrap();
@@ -392,16 +369,9 @@ async fn export_name_fallback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_multi_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let dev_path = dir.path().join("dev.img");
-    sparse_file(&dev_path, 32 * MIB as u64);
+    let (dev_path, server) = serve_sparse(dir.path(), "m", 32 * MIB, false);
     let src = dir.path().join("src.raw");
     let data = random_file(&src, 32 * MIB);
-    let server = TestServer::start(MapResolver::default().with_export(
-        "m",
-        "",
-        FileDev::open(&dev_path),
-        false,
-    ));
     let uri = server.uri("m");
     run_ok(
         "nbdcopy",
@@ -455,15 +425,7 @@ async fn tcp_listener() {
     let back = dir.path().join("back.raw");
     run_ok(
         "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            back.to_str().unwrap(),
-        ],
+        &qemu_img_convert_args(&uri, back.to_str().unwrap(), false),
         DEADLINE,
     )
     .await;

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -169,20 +168,7 @@ fn proxied_with(
         &format!("ping-int 10; ping-timeout 50; timeout 100; connect-int 1; {extra_net}"),
     );
     let conf = std::fs::read_to_string(&c.conf).unwrap();
-    let addr = |node: &str| -> SocketAddr {
-        let start = conf.find(&format!("on {node}")).unwrap();
-        let line = conf[start..]
-            .lines()
-            .find(|l| l.contains("address"))
-            .unwrap();
-        line.trim()
-            .trim_start_matches("address")
-            .trim()
-            .trim_end_matches(';')
-            .parse()
-            .unwrap()
-    };
-    let (a, b) = (addr("alpha"), addr("beta"));
+    let (a, b) = (address_of(&conf, "alpha"), address_of(&conf, "beta"));
     // to_beta: alpha dials it to reach beta; to_alpha: beta dials it to reach alpha.
     let to_beta = Proxy::start("127.0.0.1:0", b);
     let to_alpha = Proxy::start("127.0.0.1:0", a);
@@ -408,23 +394,11 @@ fn fio_over_a_stalled_link(tag: &str, extra_net: &str) -> (Cluster, Proxy, Proxy
     to_alpha.stall(Dir::FromTarget, true);
     let uri = c.nbd_uri("alpha");
     let fio = std::thread::spawn(move || {
+        let args = fio_verify_48m_args("stalled", &uri, "--output=/dev/null");
         run(
             60,
             "fio",
-            &[
-                "--name=stalled",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=48M",
-                "--verify=crc32c",
-                "--verify_state_save=0",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--output=/dev/null",
-            ],
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
         )
     });
     let t0 = Instant::now();

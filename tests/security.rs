@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -354,21 +354,6 @@ fn hostile_nbd_and_control_clients_cannot_make_rdbd_allocate() {
         "rss grew from {before} KiB to {flooded} / {after} KiB"
     );
     c.adm_ok("alpha", &["down", "r0"]);
-}
-
-/// The address `node`'s section of the config names.
-fn address_of(conf: &str, node: &str) -> SocketAddr {
-    let start = conf.find(&format!("on {node}")).unwrap();
-    let line = conf[start..]
-        .lines()
-        .find(|l| l.contains("address"))
-        .unwrap();
-    line.trim()
-        .trim_start_matches("address")
-        .trim()
-        .trim_end_matches(';')
-        .parse()
-        .unwrap()
 }
 
 /// Frames a peer sent, decoded until EOF or the read timeout, and whether the peer

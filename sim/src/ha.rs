@@ -266,16 +266,14 @@ pub struct HaViolation {
 
 impl fmt::Display for HaViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        crate::write_violation(
             f,
-            "ha seed {}: invariant {:?} broken at step {} (t={} ms): {}",
-            self.seed, self.invariant, self.step, self.time_ms, self.message
-        )?;
-        writeln!(f, "last {} events:", self.trace.len())?;
-        for line in &self.trace {
-            writeln!(f, "  {line}")?;
-        }
-        Ok(())
+            format_args!(
+                "ha seed {}: invariant {:?} broken at step {} (t={} ms): {}",
+                self.seed, self.invariant, self.step, self.time_ms, self.message
+            ),
+            &self.trace,
+        )
     }
 }
 

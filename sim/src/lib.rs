@@ -202,17 +202,30 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        write_violation(
             f,
-            "seed {}: invariant {:?} broken at step {} (t={} ms): {}",
-            self.seed, self.invariant, self.step, self.time_ms, self.message
-        )?;
-        writeln!(f, "last {} events:", self.trace.len())?;
-        for line in &self.trace {
-            writeln!(f, "  {line}")?;
-        }
-        Ok(())
+            format_args!(
+                "seed {}: invariant {:?} broken at step {} (t={} ms): {}",
+                self.seed, self.invariant, self.step, self.time_ms, self.message
+            ),
+            &self.trace,
+        )
     }
+}
+
+/// Writes a broken invariant: its `headline` line, then the last events of `trace`
+/// (shared by [`Violation`] and [`ha::HaViolation`]).
+pub(crate) fn write_violation(
+    f: &mut fmt::Formatter<'_>,
+    headline: fmt::Arguments<'_>,
+    trace: &[String],
+) -> fmt::Result {
+    writeln!(f, "{headline}")?;
+    writeln!(f, "last {} events:", trace.len())?;
+    for line in trace {
+        writeln!(f, "  {line}")?;
+    }
+    Ok(())
 }
 
 impl std::error::Error for Violation {}

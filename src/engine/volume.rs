@@ -1287,48 +1287,12 @@ impl Volume {
                 len,
                 id,
                 payload,
-            } => {
-                let work = PeerWork {
-                    kind: ReqKind::Write,
-                    offset_bytes,
-                    len_bytes: u64::from(len),
-                    payload: Some(payload),
-                    fua: false,
-                    resync: true,
-                };
-                let mut g = self.lock();
-                g.peer_work.insert(id, work);
-                g.resync_bytes_total += u64::from(len);
-                Event::PeerRequest {
-                    peer_id: id,
-                    kind: ReqKind::Write,
-                    offset_bytes,
-                    len_bytes: u64::from(len),
-                }
-            }
+            } => self.resync_write_request(id, ReqKind::Write, offset_bytes, len, Some(payload)),
             Frame::ResyncZeroes {
                 offset_bytes,
                 len,
                 id,
-            } => {
-                let work = PeerWork {
-                    kind: ReqKind::Zeroes,
-                    offset_bytes,
-                    len_bytes: u64::from(len),
-                    payload: None,
-                    fua: false,
-                    resync: true,
-                };
-                let mut g = self.lock();
-                g.peer_work.insert(id, work);
-                g.resync_bytes_total += u64::from(len);
-                Event::PeerRequest {
-                    peer_id: id,
-                    kind: ReqKind::Zeroes,
-                    offset_bytes,
-                    len_bytes: u64::from(len),
-                }
-            }
+            } => self.resync_write_request(id, ReqKind::Zeroes, offset_bytes, len, None),
             Frame::FlushAck { id } => Event::PeerProgressed {
                 id,
                 progress: PeerProgress::Written,
@@ -1603,6 +1567,36 @@ impl Volume {
                 }
                 Deferred::PromoteDone(result) => self.promote_done(result),
             }
+        }
+    }
+
+    /// Registers a resync write of the source (`ResyncData`: `kind` Write with its
+    /// payload; `ResyncZeroes`: `kind` Zeroes, no payload) and returns the event
+    /// that asks the engine to apply it.
+    fn resync_write_request(
+        &self,
+        id: u64,
+        kind: ReqKind,
+        offset_bytes: u64,
+        len: u32,
+        payload: Option<Bytes>,
+    ) -> Event {
+        let work = PeerWork {
+            kind,
+            offset_bytes,
+            len_bytes: u64::from(len),
+            payload,
+            fua: false,
+            resync: true,
+        };
+        let mut g = self.lock();
+        g.peer_work.insert(id, work);
+        g.resync_bytes_total += u64::from(len);
+        Event::PeerRequest {
+            peer_id: id,
+            kind,
+            offset_bytes,
+            len_bytes: u64::from(len),
         }
     }
 

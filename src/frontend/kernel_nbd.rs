@@ -149,12 +149,11 @@ enum Control {
 /// A volume attached to a kernel NBD device.
 pub struct KernelNbdDevice {
     index: u32,
-    dev_path: PathBuf,
+    node: DeviceNode,
     opts: KernelNbdOptions,
     control: Control,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    how: String,
     detached: bool,
 }
 
@@ -361,29 +360,32 @@ impl KernelNbdDevice {
         };
         // The kernel holds its own references to its ends now.
         drop(kernel_fds);
-        let dev_path = PathBuf::from(format!("/dev/nbd{index}"));
+        let node = DeviceNode {
+            dev_path: PathBuf::from(format!("/dev/nbd{index}")),
+            link_path: opts.link_path.clone(),
+            how,
+        };
         let mut dev = KernelNbdDevice {
             index,
-            dev_path,
+            node,
             opts,
             control,
             stop,
             tasks,
-            how,
             detached: false,
         };
         if let Err(e) = std::fs::write(&dev.opts.state_path, format!("{index}\n")) {
             tracing::warn!(path = %dev.opts.state_path.display(), error = %e, "cannot record the NBD index");
         }
         let deadline = Instant::now() + Duration::from_millis(NODE_WAIT_MS);
-        while !dev.dev_path.exists() && Instant::now() < deadline {
+        while !dev.node.dev_path.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if let Err(e) = install_link(&dev.opts.link_path, &dev.dev_path) {
+        if let Err(e) = install_link(&dev.node.link_path, &dev.node.dev_path) {
             let _ = dev.teardown();
             return Err(e);
         }
-        tracing::info!("{}", dev.how);
+        tracing::info!("{}", dev.node.how);
         Ok(dev)
     }
 
@@ -458,43 +460,19 @@ impl KernelNbdDevice {
         ))
     }
 
-    /// The kernel device (`/dev/nbdX`).
-    pub fn dev_path(&self) -> &Path {
-        &self.dev_path
-    }
-
-    /// The configured device path (symlink).
-    pub fn link_path(&self) -> &Path {
-        &self.opts.link_path
-    }
-
-    /// How the device was set up, for `status`.
-    pub fn description(&self) -> &str {
-        &self.how
-    }
-
-    /// Whether the device is held open exclusively (mounted, or opened O_EXCL).
-    pub fn is_in_use(&self) -> bool {
-        is_held_open(&self.dev_path)
-    }
-
     /// Disconnects the device and stops serving it; refused while it is in use.
     pub fn detach(&mut self) -> Result<(), KernelNbdError> {
         if self.detached {
             return Ok(());
         }
-        if self.is_in_use() {
-            return Err(KernelNbdError::Busy(format!(
-                "device {} ({}) is held open (mounted?)",
-                self.opts.link_path.display(),
-                self.dev_path.display()
-            )));
+        if let Some(busy) = self.node.busy() {
+            return Err(KernelNbdError::Busy(busy));
         }
         self.teardown()
     }
 
     fn teardown(&mut self) -> Result<(), KernelNbdError> {
-        remove_link(&self.opts.link_path, &self.dev_path);
+        remove_link(&self.node.link_path, &self.node.dev_path);
         let result = match &mut self.control {
             Control::Netlink { family } => {
                 let mut a = AttrBuf::new();
@@ -537,8 +515,18 @@ impl KernelNbdDevice {
         }
         let _ = std::fs::remove_file(&self.opts.state_path);
         self.detached = true;
-        tracing::info!(device = %self.dev_path.display(), "kernel NBD device disconnected");
+        tracing::info!(device = %self.node.dev_path.display(), "kernel NBD device disconnected");
         result
+    }
+}
+
+impl std::ops::Deref for KernelNbdDevice {
+    type Target = DeviceNode;
+
+    /// The accessors shared with ublk: `dev_path` (`/dev/nbdX`), `link_path`,
+    /// `description`, `is_in_use`.
+    fn deref(&self) -> &DeviceNode {
+        &self.node
     }
 }
 
@@ -547,6 +535,49 @@ impl Drop for KernelNbdDevice {
         // Dropping without detach (daemon exit) leaves the kernel device configured:
         // a restarted rdbd reconfigures it. Only stop our side.
         let _ = self.stop.send(true);
+    }
+}
+
+/// What the kernel block-device frontends (kernel NBD, ublk) share: the kernel
+/// device node, the configured symlink to it and how it was set up. Both devices
+/// dereference to it for these accessors.
+#[derive(Debug)]
+pub struct DeviceNode {
+    pub(crate) dev_path: PathBuf,
+    pub(crate) link_path: PathBuf,
+    pub(crate) how: String,
+}
+
+impl DeviceNode {
+    /// The kernel device (`/dev/nbdX`, `/dev/ublkbN`).
+    pub fn dev_path(&self) -> &Path {
+        &self.dev_path
+    }
+
+    /// The configured device path (symlink).
+    pub fn link_path(&self) -> &Path {
+        &self.link_path
+    }
+
+    /// How the device was set up, for `status`.
+    pub fn description(&self) -> &str {
+        &self.how
+    }
+
+    /// Whether the device is held open exclusively (mounted, or opened O_EXCL).
+    pub fn is_in_use(&self) -> bool {
+        is_held_open(&self.dev_path)
+    }
+
+    /// Why the device cannot be taken away now (it is held open), if it cannot.
+    pub(crate) fn busy(&self) -> Option<String> {
+        self.is_in_use().then(|| {
+            format!(
+                "device {} ({}) is held open (mounted?)",
+                self.link_path.display(),
+                self.dev_path.display()
+            )
+        })
     }
 }
 

@@ -36,7 +36,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
 use tokio::runtime::Handle;
 
-use super::kernel_nbd::{install_link, is_held_open, remove_link, KernelNbdError};
+use super::kernel_nbd::{install_link, remove_link, DeviceNode, KernelNbdError};
 use crate::storage::{BlockIo, IoError};
 
 /// The message of item 3 of the frontends issue for ublk.
@@ -117,12 +117,21 @@ impl UblkOptions {
 /// A volume served as a ublk device.
 pub struct UblkDevice {
     dev_id: u32,
-    dev_path: PathBuf,
+    node: DeviceNode,
     opts: UblkOptions,
     stopping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    how: String,
     detached: bool,
+}
+
+impl std::ops::Deref for UblkDevice {
+    type Target = DeviceNode;
+
+    /// The accessors shared with kernel NBD: `dev_path` (`/dev/ublkbN`),
+    /// `link_path`, `description`, `is_in_use`.
+    fn deref(&self) -> &DeviceNode {
+        &self.node
+    }
 }
 
 fn ublk_err(what: &str) -> impl FnOnce(UblkError) -> UblkFrontendError + '_ {
@@ -260,41 +269,25 @@ impl UblkDevice {
         while !dev_path.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let node = DeviceNode {
+            dev_path,
+            link_path: opts.link_path.clone(),
+            how,
+        };
         let mut dev = UblkDevice {
             dev_id,
-            dev_path,
+            node,
             opts,
             stopping,
             thread: Some(thread),
-            how,
             detached: false,
         };
-        if let Err(e) = install_link(&dev.opts.link_path, &dev.dev_path) {
+        if let Err(e) = install_link(&dev.node.link_path, &dev.node.dev_path) {
             let _ = dev.stop();
             return Err(e.into());
         }
-        tracing::info!("{}", dev.how);
+        tracing::info!("{}", dev.node.how);
         Ok(dev)
-    }
-
-    /// The kernel device (`/dev/ublkbN`).
-    pub fn dev_path(&self) -> &Path {
-        &self.dev_path
-    }
-
-    /// The configured device path (symlink).
-    pub fn link_path(&self) -> &Path {
-        &self.opts.link_path
-    }
-
-    /// How the device was set up, for `status`.
-    pub fn description(&self) -> &str {
-        &self.how
-    }
-
-    /// Whether the device is held open exclusively (mounted, O_EXCL opener).
-    pub fn is_in_use(&self) -> bool {
-        is_held_open(&self.dev_path)
     }
 
     /// Stops and deletes the device; refused while it is in use.
@@ -302,18 +295,14 @@ impl UblkDevice {
         if self.detached {
             return Ok(());
         }
-        if self.is_in_use() {
-            return Err(UblkFrontendError::Busy(format!(
-                "device {} ({}) is held open (mounted?)",
-                self.opts.link_path.display(),
-                self.dev_path.display()
-            )));
+        if let Some(busy) = self.node.busy() {
+            return Err(UblkFrontendError::Busy(busy));
         }
         self.stop()
     }
 
     fn stop(&mut self) -> Result<(), UblkFrontendError> {
-        remove_link(&self.opts.link_path, &self.dev_path);
+        remove_link(&self.node.link_path, &self.node.dev_path);
         self.stopping.store(true, Ordering::Release);
         let ctrl =
             UblkCtrl::new_simple(self.dev_id as i32).map_err(ublk_err("opening the device"))?;
@@ -336,7 +325,7 @@ impl UblkDevice {
         let _ = ctrl.del_dev();
         let _ = std::fs::remove_file(&self.opts.state_path);
         self.detached = true;
-        tracing::info!(device = %self.dev_path.display(), "ublk device removed");
+        tracing::info!(device = %self.node.dev_path.display(), "ublk device removed");
         Ok(())
     }
 }

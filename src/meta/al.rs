@@ -36,7 +36,7 @@ use serde::Serialize;
 use super::error::{MetaError, Place};
 use super::file::MetaData;
 use super::layout::{AL_EXTENT_SIZE_BYTES, AL_RING_SLOTS, AL_TRANSACTION_SIZE_BYTES};
-use super::superblock::block_crc;
+use super::superblock::{block_crc, checked_block};
 
 /// Magic at offset 0 of a transaction.
 pub const AL_MAGIC: [u8; 8] = *b"RDBALTR1";
@@ -164,30 +164,7 @@ pub fn decode_transaction(buf: &[u8]) -> Result<AlTransaction, MetaError> {
     if buf.len() < 8 || buf[0..8] != AL_MAGIC {
         return Err(corrupt("no magic (slot never written)"));
     }
-    let Some(block) = buf.get(..4096) else {
-        return Err(corrupt("block shorter than 4096 bytes"));
-    };
-    let mut bytes = [0u8; 4096];
-    bytes.copy_from_slice(block);
-    let version = u32_at(&bytes, 8);
-    if version != AL_VERSION {
-        return Err(MetaError::UnsupportedVersion {
-            what: WHAT,
-            place: Place::default(),
-            version,
-            supported: AL_VERSION,
-        });
-    }
-    let expected = u32_at(&bytes, CRC_OFFSET);
-    let found = block_crc(&bytes, CRC_OFFSET);
-    if expected != found {
-        return Err(MetaError::BadChecksum {
-            what: WHAT,
-            place: Place::default(),
-            expected,
-            found,
-        });
-    }
+    let bytes = checked_block(buf, WHAT, AL_VERSION, CRC_OFFSET)?;
     if u64_at(&bytes, 16) > AL_MAX_TR_NUMBER {
         return Err(corrupt("transaction number implausibly large (>= 2^63)"));
     }

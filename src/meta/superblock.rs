@@ -205,6 +205,47 @@ pub(crate) fn block_crc(buf: &[u8; 4096], crc_offset: usize) -> u32 {
     hasher.finalize()
 }
 
+/// The first 4096 bytes of `buf`, a meta-data block whose magic the caller checked,
+/// once its version (the u32 at 8) is `version` and its CRC32 (at `crc_offset`,
+/// [`block_crc`]) matches; `what` names the block in errors. Shared by the
+/// superblock and the activity-log transactions.
+pub(crate) fn checked_block(
+    buf: &[u8],
+    what: &'static str,
+    version: u32,
+    crc_offset: usize,
+) -> Result<[u8; 4096], MetaError> {
+    let Some(block) = buf.get(..4096) else {
+        return Err(MetaError::Corrupt {
+            what,
+            place: Place::default(),
+            reason: "block shorter than 4096 bytes",
+        });
+    };
+    let mut bytes = [0u8; 4096];
+    bytes.copy_from_slice(block);
+    let found_version = get_u32(&bytes, 8);
+    if found_version != version {
+        return Err(MetaError::UnsupportedVersion {
+            what,
+            place: Place::default(),
+            version: found_version,
+            supported: version,
+        });
+    }
+    let expected = get_u32(&bytes, crc_offset);
+    let found = block_crc(&bytes, crc_offset);
+    if expected != found {
+        return Err(MetaError::BadChecksum {
+            what,
+            place: Place::default(),
+            expected,
+            found,
+        });
+    }
+    Ok(bytes)
+}
+
 /// Whether `[a, a+a_len)` and `[b, b+b_len)` overlap (no overflow: callers check ends).
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
     a < b + b_len && b < a + a_len
@@ -295,30 +336,7 @@ impl Superblock {
                 place: Place::default(),
             });
         }
-        let Some(block) = buf.get(..4096) else {
-            return Err(corrupt("block shorter than 4096 bytes"));
-        };
-        let mut bytes = [0u8; 4096];
-        bytes.copy_from_slice(block);
-        let version = get_u32(&bytes, 8);
-        if version != SUPERBLOCK_VERSION {
-            return Err(MetaError::UnsupportedVersion {
-                what: WHAT,
-                place: Place::default(),
-                version,
-                supported: SUPERBLOCK_VERSION,
-            });
-        }
-        let expected = get_u32(&bytes, CRC_OFFSET);
-        let found = block_crc(&bytes, CRC_OFFSET);
-        if expected != found {
-            return Err(MetaError::BadChecksum {
-                what: WHAT,
-                place: Place::default(),
-                expected,
-                found,
-            });
-        }
+        let bytes = checked_block(buf, WHAT, SUPERBLOCK_VERSION, CRC_OFFSET)?;
         if bytes[RESERVED_OFFSET..].iter().any(|&b| b != 0) {
             return Err(corrupt("reserved bytes are not zero"));
         }

@@ -8,8 +8,12 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod pair;
 pub mod proxy;
 
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -95,6 +99,88 @@ pub fn sha256_of(path: &Path, len: Option<u64>) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// The arguments of `qemu-img convert` copying the raw image `from` to the raw
+/// image `to` (each a file or an NBD URI); `into_existing` (`-n`): `to` exists
+/// and is written in place (an NBD export).
+pub fn qemu_img_convert_args<'a>(from: &'a str, to: &'a str, into_existing: bool) -> Vec<&'a str> {
+    let mut args = vec!["convert"];
+    if into_existing {
+        args.push("-n");
+    }
+    args.extend(["-f", "raw", "-O", "raw", from, to]);
+    args
+}
+
+/// Runs `qemu-img convert` (see [`qemu_img_convert_args`]) with a 120 s deadline.
+pub fn qemu_img_convert(from: &str, to: &str, into_existing: bool) {
+    run_ok(
+        120,
+        "qemu-img",
+        &qemu_img_convert_args(from, to, into_existing),
+    );
+}
+
+/// The address `node`'s section of the config text `conf` names.
+pub fn address_of(conf: &str, node: &str) -> SocketAddr {
+    let start = conf.find(&format!("on {node}")).unwrap();
+    let line = conf[start..]
+        .lines()
+        .find(|l| l.contains("address"))
+        .unwrap();
+    line.trim()
+        .trim_start_matches("address")
+        .trim()
+        .trim_end_matches(';')
+        .parse()
+        .unwrap()
+}
+
+/// Creates the sparse file `name` of `size_bytes` in `dir`.
+pub fn sparse(dir: &Path, name: &str, size_bytes: u64) -> PathBuf {
+    let path = dir.join(name);
+    File::create(&path).unwrap().set_len(size_bytes).unwrap();
+    path
+}
+
+/// `len` bytes of a file at `offset`, read with `pread`.
+pub fn read_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+/// Writes `buf` into a file at `offset` with `pwrite`.
+pub fn write_bytes(path: &Path, offset: u64, buf: &[u8]) {
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(buf, offset).unwrap();
+}
+
+/// fio arguments: job `name` writes 48 MiB in 4 KiB random writes at queue depth 16
+/// through the NBD `uri`, then verifies them (crc32c, failing at the first
+/// mismatch); `output` is fio's output option (e.g. `--output=/dev/null`).
+pub fn fio_verify_48m_args(name: &str, uri: &str, output: &str) -> Vec<String> {
+    [
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=48M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        output,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// A test directory with two nodes' backing files and a config.
