@@ -48,20 +48,7 @@ fn incompatible_after_sb_0pri_leaves_both_nodes_stand_alone_until_connect() {
     assert_ne!(text, alpha_text);
     let alpha_conf = c.dir.join("alpha.conf");
     std::fs::write(&alpha_conf, alpha_text).unwrap();
-    let adm_alpha = |args: &[&str]| {
-        let rd = c.run_dir("alpha");
-        std::fs::create_dir_all(&rd).unwrap();
-        let mut full = vec![
-            "-c",
-            alpha_conf.to_str().unwrap(),
-            "--node",
-            "alpha",
-            "--run-dir",
-            rd.to_str().unwrap(),
-        ];
-        full.extend_from_slice(args);
-        run_ok(60, &bin("rdbadm").display().to_string(), &full)
-    };
+    let adm_alpha = |args: &[&str]| c.adm_with_ok("alpha", &alpha_conf, args);
     let status_alpha = || {
         let out = adm_alpha(&["status", "r0", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();

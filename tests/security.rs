@@ -437,20 +437,7 @@ fn replication_peer_limits_replay_and_missing_secret() {
             let _ = to_beta.shutdown(std::net::Shutdown::Both);
         });
     }
-    let adm_alpha = |args: &[&str]| {
-        let rd = c.run_dir("alpha");
-        std::fs::create_dir_all(&rd).unwrap();
-        let mut full = vec![
-            "-c",
-            alpha_conf.to_str().unwrap(),
-            "--node",
-            "alpha",
-            "--run-dir",
-            rd.to_str().unwrap(),
-        ];
-        full.extend_from_slice(args);
-        run_ok(60, &bin("rdbadm").display().to_string(), &full)
-    };
+    let adm_alpha = |args: &[&str]| c.adm_with_ok("alpha", &alpha_conf, args);
     c.adm_ok("beta", &["create-md", "r0"]);
     c.adm_ok("beta", &["up", "r0"]);
     adm_alpha(&["create-md", "r0"]);

@@ -269,11 +269,17 @@ impl Cluster {
 
     /// Runs `rdbadm` for a node.
     pub fn adm(&self, node: &str, args: &[&str]) -> Output {
+        self.adm_with(node, &self.conf, args)
+    }
+
+    /// Runs `rdbadm` for `node` with another configuration file (a node whose
+    /// settings differ from its peer's).
+    pub fn adm_with(&self, node: &str, conf: &std::path::Path, args: &[&str]) -> Output {
         let run_dir = self.run_dir(node);
         std::fs::create_dir_all(&run_dir).expect("create run dir");
         let mut full: Vec<String> = vec![
             "-c".into(),
-            self.conf.display().to_string(),
+            conf.display().to_string(),
             "--node".into(),
             node.into(),
             "--run-dir".into(),
@@ -286,7 +292,12 @@ impl Cluster {
 
     /// Runs `rdbadm` and asserts success; returns stdout.
     pub fn adm_ok(&self, node: &str, args: &[&str]) -> String {
-        let out = self.adm(node, args);
+        self.adm_with_ok(node, &self.conf, args)
+    }
+
+    /// [`Cluster::adm_with`] asserting success; returns stdout.
+    pub fn adm_with_ok(&self, node: &str, conf: &std::path::Path, args: &[&str]) -> String {
+        let out = self.adm_with(node, conf, args);
         assert!(
             out.status.success(),
             "rdbadm {args:?} on {node} failed:\nstdout: {}\nstderr: {}\nrdbd log tail:\n{}",
