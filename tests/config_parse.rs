@@ -834,3 +834,16 @@ fn on_congestion_settings_and_protocol_a_rule() {
         "t.conf:7:35: invalid value 'disconnect' for 'on-congestion': on-congestion pull-ahead/disconnect requires protocol A"
     );
 }
+
+#[test]
+fn nbd_busy_poll_is_a_bounded_resource_level_extension() {
+    let cfg = parse(&res("  nbd-busy-poll 0;")).unwrap();
+    assert_eq!(cfg.resolve("r", "a").unwrap().nbd_busy_poll_us, Some(0));
+    let cfg = parse(&res("")).unwrap();
+    assert_eq!(cfg.resolve("r", "a").unwrap().nbd_busy_poll_us, None);
+    let e = err(&res("  nbd-busy-poll 1001;"));
+    assert!(e.starts_with("t.conf:7:"), "{e}");
+    assert!(e.contains("nbd-busy-poll"), "{e}");
+    let e = err(&res("  nbd-busy-poll 10;\n  nbd-busy-poll 20;"));
+    assert!(e.contains("nbd-busy-poll"), "{e}");
+}

@@ -83,6 +83,7 @@ pub(crate) fn implemented(s: Section) -> &'static [&'static str] {
             "frontend",
             "frontend-queues",
             "frontend-queue-depth",
+            "nbd-busy-poll",
         ],
         Section::On => &[
             "address",

@@ -365,4 +365,8 @@ pub struct ResourceConfig {
     pub frontend_queues: Option<u32>,
     /// Depth of each ublk queue (rdb extension `frontend-queue-depth`).
     pub frontend_queue_depth: Option<u32>,
+    /// How long an idle NBD connection of a queue-depth-1 client busy-polls for
+    /// its next request, in µs (rdb extension `nbd-busy-poll`; default
+    /// [`crate::frontend::nbd::DEFAULT_BUSY_POLL_US`], 0 turns it off).
+    pub nbd_busy_poll_us: Option<u32>,
 }

@@ -57,6 +57,7 @@ struct Resource {
     nbd_listen: Option<SocketAddr>,
     frontend_queues: Option<u32>,
     frontend_queue_depth: Option<u32>,
+    nbd_busy_poll_us: Option<u32>,
 }
 
 /// A parsed and validated configuration (all files of it).
@@ -699,6 +700,7 @@ fn build_resource(
         nbd_listen: None,
         frontend_queues: None,
         frontend_queue_depth: None,
+        nbd_busy_poll_us: None,
     };
     let mut sections = Seen::new("resource");
     let mut vol_pos = BTreeMap::new();
@@ -748,6 +750,10 @@ fn build_resource(
                 sections.check(name, &inner.kw.pos)?;
                 r.frontend_queue_depth =
                     Some(values::number_u32(values::one(inner)?, name, 1, 4096)?);
+            }
+            "nbd-busy-poll" => {
+                sections.check(name, &inner.kw.pos)?;
+                r.nbd_busy_poll_us = Some(values::number_u32(values::one(inner)?, name, 0, 1000)?);
             }
             "frontend" => {
                 sections.check(name, &inner.kw.pos)?;
@@ -1034,6 +1040,7 @@ impl Config {
             nbd_listen: host.nbd_listen.or(r.nbd_listen),
             frontend_queues: r.frontend_queues,
             frontend_queue_depth: r.frontend_queue_depth,
+            nbd_busy_poll_us: r.nbd_busy_poll_us,
         })
     }
 

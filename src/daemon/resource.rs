@@ -327,7 +327,12 @@ impl Resource {
                 node: opts.node.clone(),
                 volume: volume.clone(),
             }),
-            NbdLimits::default(),
+            NbdLimits {
+                busy_poll_us: cfg
+                    .nbd_busy_poll_us
+                    .map_or(crate::frontend::nbd::DEFAULT_BUSY_POLL_US, u64::from),
+                ..NbdLimits::default()
+            },
         ));
         let (nbd_stop, stop_rx) = watch::channel(false);
         let mut nbd_tasks = Vec::new();
@@ -570,6 +575,9 @@ impl Resource {
             let mut opts = KernelNbdOptions::from_env(vol.device.clone(), state("nbd-index"));
             if let Some(q) = self.cfg.frontend_queues {
                 opts.connections = q as usize;
+            }
+            if let Some(us) = self.cfg.nbd_busy_poll_us {
+                opts.busy_poll_us = u64::from(us);
             }
             KernelNbdDevice::attach(export, opts, &rt)
                 .map(KernelDevice::Nbd)

@@ -110,6 +110,8 @@ pub struct KernelNbdOptions {
     pub state_path: PathBuf,
     /// Use the ioctl interface even if netlink is there (tests of the fallback).
     pub force_ioctl: bool,
+    /// Busy-poll budget of an idle socket (see [`NbdLimits::busy_poll_us`]).
+    pub busy_poll_us: u64,
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -131,6 +133,7 @@ impl KernelNbdOptions {
             dead_conn_timeout_s: env_u64("RDB_NBD_DEAD_CONN_TIMEOUT_S", 60),
             state_path,
             force_ioctl: std::env::var("RDB_NBD_IOCTL").is_ok_and(|v| v == "1"),
+            busy_poll_us: super::nbd::DEFAULT_BUSY_POLL_US,
         }
     }
 }
@@ -231,7 +234,10 @@ impl KernelNbdDevice {
         module_available()?;
         let size_bytes = export.device.size_bytes();
         let flags = u64::from(kernel_transmission_flags(&export));
-        let limits = NbdLimits::default();
+        let limits = NbdLimits {
+            busy_poll_us: opts.busy_poll_us,
+            ..NbdLimits::default()
+        };
 
         // Our ends are served right away: the kernel may send requests (partition
         // scan) as soon as it has its ends.

@@ -11,11 +11,15 @@
 //! requests, answers the ones in flight and closes; `serve_*` returns once every
 //! connection has closed.
 
+mod busy_poll;
 mod handshake;
 mod transmission;
 
+pub use self::busy_poll::DEFAULT_BUSY_POLL_US;
+
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +82,9 @@ pub struct NbdLimits {
     pub max_option_bytes: u32,
     /// Options accepted on one connection before the handshake is abandoned.
     pub max_options_per_conn: u32,
+    /// Busy-poll budget of an idle connection before it sleeps (0: never poll);
+    /// see `nbd/busy_poll.rs`.
+    pub busy_poll_us: u64,
 }
 
 impl Default for NbdLimits {
@@ -89,6 +96,7 @@ impl Default for NbdLimits {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_option_bytes: DEFAULT_MAX_OPTION_BYTES,
             max_options_per_conn: 4096,
+            busy_poll_us: DEFAULT_BUSY_POLL_US,
         }
     }
 }
@@ -165,8 +173,9 @@ impl NbdServer {
     ) -> io::Result<()> {
         let accept = || async {
             let (stream, _addr) = listener.accept().await?;
+            let fd = stream.as_raw_fd();
             let (rd, wr) = stream.into_split();
-            Ok((rd, wr, "unix".to_string()))
+            Ok((rd, fd, wr, "unix".to_string()))
         };
         self.serve(accept, shutdown).await
     }
@@ -180,8 +189,9 @@ impl NbdServer {
         let accept = || async {
             let (stream, addr) = listener.accept().await?;
             stream.set_nodelay(true)?;
+            let fd = stream.as_raw_fd();
             let (rd, wr) = stream.into_split();
-            Ok((rd, wr, addr.to_string()))
+            Ok((rd, fd, wr, addr.to_string()))
         };
         self.serve(accept, shutdown).await
     }
@@ -193,7 +203,7 @@ impl NbdServer {
     ) -> io::Result<()>
     where
         A: FnMut() -> F,
-        F: Future<Output = io::Result<(R, W, String)>>,
+        F: Future<Output = io::Result<(R, RawFd, W, String)>>,
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -209,7 +219,7 @@ impl NbdServer {
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 accepted = accept() => accepted,
             };
-            let (rd, wr, peer) = match accepted {
+            let (rd, fd, wr, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -229,7 +239,7 @@ impl NbdServer {
             connections.spawn(
                 async move {
                     tracing::debug!("connected");
-                    match serve_connection(ctx, rd, wr, shutdown).await {
+                    match serve_connection(ctx, rd, fd, wr, shutdown).await {
                         Ok(()) => tracing::debug!("closed"),
                         Err(e) => tracing::info!(error = %e, "closed on error"),
                     }
@@ -249,9 +259,11 @@ pub(crate) async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Serves one connection whose socket is `fd` (read through `rd`).
 async fn serve_connection<R, W>(
     ctx: ConnContext,
-    mut rd: R,
+    rd: R,
+    fd: RawFd,
     mut wr: W,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
@@ -259,13 +271,15 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let budget = Duration::from_micros(ctx.limits.busy_poll_us);
+    let (mut rd, armed) = busy_poll::BusyPollRead::new(rd, fd, budget);
     let outcome = tokio::select! {
         outcome = handshake::negotiate(&ctx, &mut rd, &mut wr) => outcome?,
         () = wait_shutdown(&mut shutdown) => return Ok(()),
     };
     match outcome {
         None => Ok(()),
-        Some(session) => transmission::serve(session, &ctx.limits, rd, wr, shutdown).await,
+        Some(session) => transmission::serve(session, &ctx.limits, rd, armed, wr, shutdown).await,
     }
 }
 
@@ -284,8 +298,11 @@ pub async fn serve_transmission_only(
         structured: false,
         base_allocation: false,
     };
+    let budget = Duration::from_micros(limits.busy_poll_us);
+    let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
-    transmission::serve(session, &limits, rd, wr, shutdown).await
+    let (rd, armed) = busy_poll::BusyPollRead::new(rd, fd, budget);
+    transmission::serve(session, &limits, rd, armed, wr, shutdown).await
 }
 
 /// The transmission flags the kernel client is given for `export` (what the

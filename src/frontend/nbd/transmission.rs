@@ -22,6 +22,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -44,6 +45,9 @@ const MAX_BLOCK_DESCRIPTORS: usize = 64 * 1024;
 /// Largest WRITE run inside the connection task; larger ones are spawned so the
 /// copy overlaps with reading the next payload.
 const INLINE_WRITE_MAX_BYTES: u32 = 64 * 1024;
+/// Requests in a row that must arrive alone (nothing else in flight or buffered)
+/// before an idle connection busy-polls: a client at queue depth 1.
+const BUSY_POLL_AFTER_ALONE: u32 = 8;
 
 /// One encoded reply, ready to be written.
 enum Reply {
@@ -146,6 +150,7 @@ pub(crate) async fn serve<R, W>(
     session: Session,
     limits: &NbdLimits,
     rd: R,
+    busy_poll: Arc<AtomicBool>,
     wr: W,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
@@ -169,6 +174,8 @@ where
         Some(Box::pin(read_request(reader, max_request_bytes)));
     let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut inflight_bytes = 0u64;
+    // Requests in a row that arrived alone (queue depth 1): busy-polling pays only then.
+    let mut qd1_streak = 0u32;
     let mut result: Result<(), ConnError> = Ok(());
     let mut reply_error = false;
     let mut shutdown_wait = Box::pin(wait_shutdown(&mut shutdown));
@@ -191,6 +198,12 @@ where
                     Ok(ReadOutcome::Request(incoming)) => {
                         next_read = Some(Box::pin(read_request(reader, max_request_bytes)));
                         let alone = inflight.is_empty() && incoming.drained;
+                        busy_poll.store(false, Ordering::Relaxed);
+                        qd1_streak = if alone {
+                            qd1_streak.saturating_add(1)
+                        } else {
+                            0
+                        };
                         let (fut, cost) = start(&session, incoming, alone, max_request_bytes);
                         inflight_bytes += cost;
                         inflight.push(fut);
@@ -231,6 +244,11 @@ where
                 // Stop reading; in-flight requests still run to completion.
                 next_read = None;
             }
+            // Idle again: the next read may busy-poll before sleeping.
+            busy_poll.store(
+                inflight.is_empty() && qd1_streak >= BUSY_POLL_AFTER_ALONE,
+                Ordering::Relaxed,
+            );
         }
         if let Some(end) = turn.read_end {
             if result.is_ok() {
