@@ -16,6 +16,9 @@ bench_build() {
 fio_job() {
   local uri=$1 rw=$2 bs=$3 qd=$4 out
   out=$(mktemp /tmp/rdb-bench.XXXXXX.json)
+  # The previous run's dirty pages must not be written back during this one (the
+  # server measured next would pay for the one measured before).
+  sync
   timeout $((RUNTIME_S * 4 + 60)) fio --name=b --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --numjobs=1 --size=1G --time_based --runtime="$RUNTIME_S" --ramp_time=1 \
       --group_reporting --output-format=json --output="$out" >/dev/null 2>&1 || { rm -f "$out"; echo "fio failed on $uri" >&2; return 1; }
