@@ -488,33 +488,14 @@ impl Resource {
                 r.recheck();
             }
         }
-        if self.device.is_none() && self.frontend == "fuse+loop" {
-            // Mounting FUSE and configuring the loop device block: keep the runtime's
-            // other tasks (the FUSE requests themselves) running meanwhile.
-            match tokio::task::block_in_place(|| self.attach_device()) {
-                Ok(dev) => self.device = Some(dev),
-                Err(e) => {
-                    // Roll back: a Primary without its device would surprise everyone.
-                    let _ = self.volume.demote();
-                    self.mark_not_primary();
-                    let _ = self.persist();
-                    return Err(e);
-                }
-            }
-        } else if self.kernel_dev.is_none() && matches!(self.frontend, "nbd" | "ublk") {
-            match tokio::task::block_in_place(|| self.attach_kernel_device()) {
-                Ok(dev) => {
-                    tracing::info!(resource = self.name(), "{}", dev.description());
-                    self.kernel_dev = Some(dev);
-                }
-                Err(e) => {
-                    let _ = self.volume.demote();
-                    self.mark_not_primary();
-                    let _ = self.persist();
-                    return Err(e);
-                }
-            }
-        } else if self.frontend == "none" {
+        if let Err(e) = self.attach_devices() {
+            // Roll back: a Primary without its device would surprise everyone.
+            let _ = self.volume.demote();
+            self.mark_not_primary();
+            let _ = self.persist();
+            return Err(e);
+        }
+        if self.frontend == "none" {
             warnings.push(format!(
                 "{}: no block device ({}); the NBD socket {} serves the data",
                 self.name(),
@@ -523,6 +504,21 @@ impl Resource {
             ));
         }
         Ok(warnings)
+    }
+
+    /// Gives a Primary its block device (FUSE + loop, or the kernel's NBD or ublk
+    /// device), unless it has it already.
+    fn attach_devices(&mut self) -> Result<(), ResourceError> {
+        if self.device.is_none() && self.frontend == "fuse+loop" {
+            // Mounting FUSE and configuring the loop device block: keep the runtime's
+            // other tasks (the FUSE requests themselves) running meanwhile.
+            self.device = Some(tokio::task::block_in_place(|| self.attach_device())?);
+        } else if self.kernel_dev.is_none() && matches!(self.frontend, "nbd" | "ublk") {
+            let dev = tokio::task::block_in_place(|| self.attach_kernel_device())?;
+            tracing::info!(resource = self.name(), "{}", dev.description());
+            self.kernel_dev = Some(dev);
+        }
+        Ok(())
     }
 
     fn attach_device(&self) -> Result<FuseLoopDevice, ResourceError> {
@@ -586,7 +582,9 @@ impl Resource {
     }
 
     /// Demotes: removes the block device (refused while it is open) and waits for
-    /// NBD clients to leave (refused if they do not within a second).
+    /// NBD clients to leave (refused if they do not within a second). If the
+    /// volume then refuses the demotion (the flush before it failed or timed out),
+    /// the resource stays Primary and gets its device back.
     pub async fn secondary(&mut self) -> Result<(), ResourceError> {
         if self.volume.snapshot().role != Role::Primary {
             return Ok(());
@@ -637,7 +635,17 @@ impl Resource {
             }
             self.kernel_dev = None;
         }
-        self.volume.demote_waiting(Duration::from_secs(5)).await?;
+        if let Err(e) = self.volume.demote_waiting(Duration::from_secs(5)).await {
+            // Still Primary (a demotion refused changes nothing): give the device
+            // back, as `drbdadm secondary` that fails leaves /dev/drbdX in place.
+            if let Err(again) = self.attach_devices() {
+                tracing::error!(
+                    resource = self.name(),
+                    "demotion refused ({e}) and the device could not be set up again: {again}"
+                );
+            }
+            return Err(e.into());
+        }
         self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
         self.mark_not_primary();
