@@ -836,7 +836,7 @@ fn on_congestion_settings_and_protocol_a_rule() {
 }
 
 #[test]
-fn nbd_busy_poll_is_a_bounded_resource_level_extension() {
+fn busy_poll_budgets_are_bounded_resource_level_extensions() {
     let cfg = parse(&res("  nbd-busy-poll 0;")).unwrap();
     assert_eq!(cfg.resolve("r", "a").unwrap().nbd_busy_poll_us, Some(0));
     let cfg = parse(&res("")).unwrap();
@@ -846,4 +846,8 @@ fn nbd_busy_poll_is_a_bounded_resource_level_extension() {
     assert!(e.contains("nbd-busy-poll"), "{e}");
     let e = err(&res("  nbd-busy-poll 10;\n  nbd-busy-poll 20;"));
     assert!(e.contains("nbd-busy-poll"), "{e}");
+    let r = parse(&res("  peer-busy-poll 300;")).unwrap().resolve("r", "a").unwrap();
+    assert_eq!((r.peer_busy_poll_us, r.nbd_busy_poll_us), (Some(300), None));
+    let e = err(&res("  peer-busy-poll -1;"));
+    assert!(e.starts_with("t.conf:7:"), "{e}");
 }

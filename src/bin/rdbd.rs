@@ -50,6 +50,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(2),
         )
         .enable_all()
+        // Busy-polls the peer sockets before a worker sleeps (`peer-busy-poll`).
+        .on_thread_park(rdb::peer::park_poll::before_park)
         .thread_name("rdbd")
         .build()
         .context("cannot start the tokio runtime")?;

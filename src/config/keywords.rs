@@ -84,6 +84,7 @@ pub(crate) fn implemented(s: Section) -> &'static [&'static str] {
             "frontend-queues",
             "frontend-queue-depth",
             "nbd-busy-poll",
+            "peer-busy-poll",
         ],
         Section::On => &[
             "address",

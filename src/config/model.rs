@@ -369,4 +369,8 @@ pub struct ResourceConfig {
     /// its next request, in µs (rdb extension `nbd-busy-poll`; default
     /// [`crate::frontend::nbd::DEFAULT_BUSY_POLL_US`], 0 turns it off).
     pub nbd_busy_poll_us: Option<u32>,
+    /// How long a runtime worker busy-polls the peer connection's socket before it
+    /// sleeps, in µs (rdb extension `peer-busy-poll`; default
+    /// [`crate::peer::park_poll::DEFAULT_PEER_BUSY_POLL_US`], 0 turns it off).
+    pub peer_busy_poll_us: Option<u32>,
 }

@@ -58,6 +58,7 @@ struct Resource {
     frontend_queues: Option<u32>,
     frontend_queue_depth: Option<u32>,
     nbd_busy_poll_us: Option<u32>,
+    peer_busy_poll_us: Option<u32>,
 }
 
 /// A parsed and validated configuration (all files of it).
@@ -701,6 +702,7 @@ fn build_resource(
         frontend_queues: None,
         frontend_queue_depth: None,
         nbd_busy_poll_us: None,
+        peer_busy_poll_us: None,
     };
     let mut sections = Seen::new("resource");
     let mut vol_pos = BTreeMap::new();
@@ -754,6 +756,10 @@ fn build_resource(
             "nbd-busy-poll" => {
                 sections.check(name, &inner.kw.pos)?;
                 r.nbd_busy_poll_us = Some(values::number_u32(values::one(inner)?, name, 0, 1000)?);
+            }
+            "peer-busy-poll" => {
+                sections.check(name, &inner.kw.pos)?;
+                r.peer_busy_poll_us = Some(values::number_u32(values::one(inner)?, name, 0, 1000)?);
             }
             "frontend" => {
                 sections.check(name, &inner.kw.pos)?;
@@ -1041,6 +1047,7 @@ impl Config {
             frontend_queues: r.frontend_queues,
             frontend_queue_depth: r.frontend_queue_depth,
             nbd_busy_poll_us: r.nbd_busy_poll_us,
+            peer_busy_poll_us: r.peer_busy_poll_us,
         })
     }
 

@@ -954,6 +954,9 @@ fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSetting
             allow_two_primaries: net.allow_two_primaries,
             integrity_alg: net.data_integrity_alg.clone(),
         },
+        busy_poll_us: cfg
+            .peer_busy_poll_us
+            .unwrap_or(crate::peer::park_poll::DEFAULT_PEER_BUSY_POLL_US),
     }
 }
 

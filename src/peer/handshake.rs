@@ -294,6 +294,7 @@ mod tests {
             max_buffers: 16,
             volumes: 1,
             compat: NetCompat::default(),
+            busy_poll_us: 0,
         }
     }
 

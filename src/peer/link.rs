@@ -11,6 +11,7 @@
 //! the receiver gets one [`PeerEvent::Lost`].
 
 use std::io::IoSlice;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::handshake::take_frame;
+use super::park_poll;
 use super::{PeerEvent, PeerFrame, PeerSender, PeerSettings, PeerStatus};
 
 /// Most frames written by one vectored write (keeps iovecs under IOV_MAX = 1024).
@@ -99,6 +101,7 @@ pub(crate) fn start(
     mpsc::Receiver<PeerEvent>,
     tokio::task::JoinHandle<()>,
 ) {
+    let polled = park_poll::register(stream.as_raw_fd(), settings.busy_poll_us);
     let (rd, wr) = stream.into_split();
     let (dead, _) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -116,13 +119,16 @@ pub(crate) fn start(
     let ping_int = Duration::from_millis(settings.ping_int_ms);
     let dead_after = Duration::from_millis(settings.dead_after_ms());
     let stall = Duration::from_millis(settings.write_stall_ms());
-    tokio::spawn(reader(rd, buf, ev_tx, shared.clone(), dead_after));
+    tokio::spawn(reader(rd, polled, buf, ev_tx, shared.clone(), dead_after));
     let writer = tokio::spawn(writer(wr, rx, shared.clone(), ping_int, stall));
     (PeerSender { tx, shared }, ev_rx, writer)
 }
 
+/// Reads frames until the connection ends. `_polled` keeps the socket registered
+/// for busy-polling while `rd` keeps it open.
 async fn reader(
     mut rd: OwnedReadHalf,
+    _polled: Option<park_poll::Registration>,
     mut buf: BytesMut,
     events: mpsc::Sender<PeerEvent>,
     shared: Arc<Shared>,

@@ -25,6 +25,7 @@ mod auth;
 pub mod compat;
 mod handshake;
 mod link;
+pub mod park_poll;
 mod sock;
 
 use std::net::SocketAddr;
@@ -105,6 +106,9 @@ pub struct PeerSettings {
     pub volumes: u32,
     /// Net settings the peer must agree on (`NetSettings` at the end of the handshake).
     pub compat: compat::NetCompat,
+    /// Busy-poll budget of the established connection's socket before a runtime
+    /// worker sleeps, in µs (0: none); see [`park_poll`].
+    pub busy_poll_us: u32,
 }
 
 impl PeerSettings {

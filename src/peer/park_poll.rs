@@ -1,0 +1,137 @@
+//! Busy-polling of the peer sockets before a runtime worker goes to sleep.
+//!
+//! Owns the process-wide registry of peer sockets worth polling and
+//! [`before_park`], which `rdbd` installs as the tokio runtime's `on_thread_park`
+//! hook. A replicated write at queue depth 1 crosses four hops (application ->
+//! Primary -> Secondary -> Primary -> application); at each one the receiving
+//! thread sleeps in `epoll_wait`, its CPU goes idle, and on virtual machines whose
+//! guests halt at once waking it costs tens of µs (see `docs/performance.md`).
+//! With the hook, a worker that runs out of work first polls the registered
+//! sockets with `poll(2)` and a zero timeout for at most the largest registered
+//! budget (yielding the CPU between two attempts), and returns as soon as one is
+//! readable, so the runtime's `epoll_wait` that follows returns at once instead of
+//! sleeping. The peer's answer to a frame just sent (an ack) or its next frame
+//! usually arrives within that budget.
+//!
+//! It is a registry rather than state passed around because the hook belongs to
+//! the runtime, which `rdbd` builds before any resource exists. A socket stays
+//! registered while its [`Registration`] lives; the link's reader holds it next to
+//! the socket's read half, so a registered descriptor is always open.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Default budget (µs) of the `peer-busy-poll` keyword.
+pub const DEFAULT_PEER_BUSY_POLL_US: u32 = 150;
+
+/// Most sockets polled at once (one per connected peer; more are not polled).
+const MAX_POLLED: usize = 16;
+
+/// Registered sockets and their budgets.
+static SOCKETS: Mutex<Vec<(RawFd, u32)>> = Mutex::new(Vec::new());
+/// Number of entries of `SOCKETS`, read without the lock on every park.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Keeps a socket registered; unregisters it when dropped.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    fd: RawFd,
+}
+
+/// Registers `fd` (an open socket that must stay open while the returned
+/// registration lives) with a budget of `budget_us`; `None` when the budget is 0.
+pub(crate) fn register(fd: RawFd, budget_us: u32) -> Option<Registration> {
+    if budget_us == 0 {
+        return None;
+    }
+    let mut sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+    sockets.push((fd, budget_us));
+    COUNT.store(sockets.len(), Ordering::Relaxed);
+    Some(Registration { fd })
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = sockets.iter().position(|&(fd, _)| fd == self.fd) {
+            sockets.swap_remove(i);
+        }
+        COUNT.store(sockets.len(), Ordering::Relaxed);
+    }
+}
+
+/// The `on_thread_park` hook: polls the registered sockets until one is readable
+/// or the largest budget has passed. Returns at once when none is registered.
+pub fn before_park() {
+    if COUNT.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let mut fds = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; MAX_POLLED];
+    let mut n = 0;
+    let mut budget_us = 0;
+    {
+        let sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+        for &(fd, us) in sockets.iter().take(MAX_POLLED) {
+            fds[n] = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            n += 1;
+            budget_us = budget_us.max(us);
+        }
+    }
+    if n == 0 {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_micros(u64::from(budget_us));
+    loop {
+        // SAFETY: `fds[..n]` is an initialised array of `n` pollfd structures that
+        // `poll` may write `revents` into; a zero timeout never blocks. The
+        // descriptors are open (see the module doc); a closed one would only be
+        // reported as POLLNVAL, which ends the loop.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 0) };
+        if ready != 0 || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn polls_until_readable_and_not_without_registrations() {
+        // Other tests of this binary may register sockets too: only ours matter.
+        let (mut theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reg = register(ours.as_raw_fd(), 1_000_000).unwrap();
+        assert!(register(ours.as_raw_fd(), 0).is_none());
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            theirs.write_all(b"x").unwrap();
+            theirs
+        });
+        let t0 = Instant::now();
+        before_park();
+        // Returned because the socket became readable, long before the 1 s budget.
+        assert!(t0.elapsed() < Duration::from_millis(900), "{:?}", t0.elapsed());
+        let _theirs = writer.join().unwrap();
+        drop(reg);
+        assert!(SOCKETS
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&(fd, _)| fd != ours.as_raw_fd()));
+    }
+}
