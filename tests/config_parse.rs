@@ -846,7 +846,10 @@ fn busy_poll_budgets_are_bounded_resource_level_extensions() {
     assert!(e.contains("nbd-busy-poll"), "{e}");
     let e = err(&res("  nbd-busy-poll 10;\n  nbd-busy-poll 20;"));
     assert!(e.contains("nbd-busy-poll"), "{e}");
-    let r = parse(&res("  peer-busy-poll 300;")).unwrap().resolve("r", "a").unwrap();
+    let r = parse(&res("  peer-busy-poll 300;"))
+        .unwrap()
+        .resolve("r", "a")
+        .unwrap();
     assert_eq!((r.peer_busy_poll_us, r.nbd_busy_poll_us), (Some(300), None));
     let e = err(&res("  peer-busy-poll -1;"));
     assert!(e.starts_with("t.conf:7:"), "{e}");

@@ -42,6 +42,7 @@ fn settings(name: &str, peer: &str, listen: SocketAddr, peer_addr: SocketAddr) -
         max_buffers: 256,
         volumes: 1,
         compat: Default::default(),
+        busy_poll_us: rdb::peer::park_poll::DEFAULT_PEER_BUSY_POLL_US,
     }
 }
 

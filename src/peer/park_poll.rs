@@ -125,7 +125,11 @@ mod tests {
         let t0 = Instant::now();
         before_park();
         // Returned because the socket became readable, long before the 1 s budget.
-        assert!(t0.elapsed() < Duration::from_millis(900), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
         let _theirs = writer.join().unwrap();
         drop(reg);
         assert!(SOCKETS
