@@ -5,7 +5,8 @@
 //! after it got the previous reply; a thread that sleeps in `epoll_wait` in between
 //! lets its CPU go idle, and waking an idle CPU costs far more than the request
 //! itself on virtual machines whose guests halt at once (see
-//! `docs/performance.md`). So, when the request loop has nothing in flight, the
+//! `docs/performance.md`). So, when the request loop arms it (nothing in flight,
+//! after a run of requests that each arrived alone: `transmission.rs`), the
 //! reader first polls the socket with non-blocking `recv` calls for at most
 //! `budget` (yielding the CPU between two attempts, so a client sharing it runs),
 //! and only then waits for readiness the usual way. This is user-space busy
