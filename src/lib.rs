@@ -9,7 +9,8 @@
 //! - [`peer`]: the replication transport between nodes;
 //! - [`frontend`]: what applications open: an NBD server, FUSE + loop;
 //! - [`control`]: the JSON-lines protocol between `rdbadm` and `rdbd`;
-//! - [`daemon`]: `rdbd` itself, which owns the resources of one node.
+//! - [`daemon`]: `rdbd` itself, which owns the resources of one node;
+//! - [`spin`]: the bounded busy-wait shared by the busy-polls.
 
 pub mod config;
 pub mod control;
@@ -18,4 +19,5 @@ pub mod engine;
 pub mod frontend;
 pub mod meta;
 pub mod peer;
+pub mod spin;
 pub mod storage;

@@ -328,9 +328,7 @@ impl Resource {
                 volume: volume.clone(),
             }),
             NbdLimits {
-                busy_poll_us: cfg
-                    .nbd_busy_poll_us
-                    .map_or(crate::frontend::nbd::DEFAULT_BUSY_POLL_US, u64::from),
+                busy_poll_us: nbd_busy_poll_us(&cfg),
                 ..NbdLimits::default()
             },
         ));
@@ -572,9 +570,7 @@ impl Resource {
             if let Some(q) = self.cfg.frontend_queues {
                 opts.connections = q as usize;
             }
-            if let Some(us) = self.cfg.nbd_busy_poll_us {
-                opts.busy_poll_us = u64::from(us);
-            }
+            opts.busy_poll_us = nbd_busy_poll_us(&self.cfg);
             KernelNbdDevice::attach(export, opts, &rt)
                 .map(KernelDevice::Nbd)
                 .map_err(|e| device_err(e.to_string()))
@@ -922,6 +918,12 @@ impl Resource {
 }
 
 /// Transport settings from the resolved configuration.
+/// The `nbd-busy-poll` budget of the resource's NBD sockets (unix, TCP, `/dev/nbdX`).
+fn nbd_busy_poll_us(cfg: &ResourceConfig) -> u64 {
+    cfg.nbd_busy_poll_us
+        .map_or(crate::frontend::nbd::DEFAULT_BUSY_POLL_US, u64::from)
+}
+
 fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSettings {
     let net = &cfg.net;
     PeerSettings {

@@ -271,8 +271,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let budget = Duration::from_micros(ctx.limits.busy_poll_us);
-    let (mut rd, armed) = busy_poll::BusyPollRead::new(rd, fd, budget);
+    let (mut rd, armed) = busy_poll::BusyPollRead::new(rd, fd, ctx.limits.busy_poll_us);
     let outcome = tokio::select! {
         outcome = handshake::negotiate(&ctx, &mut rd, &mut wr) => outcome?,
         () = wait_shutdown(&mut shutdown) => return Ok(()),
@@ -298,10 +297,9 @@ pub async fn serve_transmission_only(
         structured: false,
         base_allocation: false,
     };
-    let budget = Duration::from_micros(limits.busy_poll_us);
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
-    let (rd, armed) = busy_poll::BusyPollRead::new(rd, fd, budget);
+    let (rd, armed) = busy_poll::BusyPollRead::new(rd, fd, limits.busy_poll_us);
     transmission::serve(session, &limits, rd, armed, wr, shutdown).await
 }
 

@@ -21,7 +21,9 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::spin::spin_until;
 
 /// Default budget (µs) of the `peer-busy-poll` keyword.
 pub const DEFAULT_PEER_BUSY_POLL_US: u32 = 150;
@@ -90,24 +92,24 @@ pub fn before_park() {
     if n == 0 {
         return;
     }
-    let deadline = Instant::now() + Duration::from_micros(u64::from(budget_us));
-    loop {
+    let budget = Duration::from_micros(u64::from(budget_us));
+    // `poll` errors (never expected) end the wait like readiness does.
+    let _ = spin_until(budget, || {
         // SAFETY: `fds[..n]` is an initialised array of `n` pollfd structures that
         // `poll` may write `revents` into; a zero timeout never blocks. The
         // descriptors are open (see the module doc); a closed one would only be
-        // reported as POLLNVAL, which ends the loop.
+        // reported as POLLNVAL, which ends the wait.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 0) };
-        if ready != 0 || Instant::now() >= deadline {
-            return;
-        }
-        std::thread::yield_now();
-    }
+        (ready != 0).then_some(())
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
+
+    use std::time::Instant;
 
     use super::*;
 

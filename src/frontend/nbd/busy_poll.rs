@@ -23,9 +23,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::spin::spin_until;
 
 /// Default busy-poll budget per idle period.
 pub const DEFAULT_BUSY_POLL_US: u64 = 50;
@@ -41,13 +43,14 @@ pub(crate) struct BusyPollRead<R> {
 }
 
 impl<R> BusyPollRead<R> {
-    /// Wraps `inner`, whose socket is `fd` (which must stay open as long as `inner`).
-    pub(crate) fn new(inner: R, fd: RawFd, budget: Duration) -> (Self, Arc<AtomicBool>) {
+    /// Wraps `inner`, whose socket is `fd` (which must stay open as long as
+    /// `inner`), with a budget of `budget_us` per poll (0: never polls).
+    pub(crate) fn new(inner: R, fd: RawFd, budget_us: u64) -> (Self, Arc<AtomicBool>) {
         let armed = Arc::new(AtomicBool::new(false));
         let reader = BusyPollRead {
             inner,
             fd,
-            budget,
+            budget: Duration::from_micros(budget_us),
             armed: Arc::clone(&armed),
         };
         (reader, armed)
@@ -95,16 +98,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for BusyPollRead<R> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.budget.is_zero() && buf.remaining() > 0 && this.armed.load(Ordering::Relaxed) {
-            let deadline = Instant::now() + this.budget;
-            loop {
-                if let Some(result) = this.try_recv(buf) {
-                    return Poll::Ready(result);
-                }
-                if Instant::now() >= deadline {
-                    this.armed.store(false, Ordering::Relaxed);
-                    break;
-                }
-                std::thread::yield_now();
+            match spin_until(this.budget, || this.try_recv(buf)) {
+                Some(result) => return Poll::Ready(result),
+                None => this.armed.store(false, Ordering::Relaxed),
             }
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -118,10 +114,12 @@ mod tests {
 
     use tokio::io::AsyncReadExt;
 
+    use std::time::Instant;
+
     use super::*;
 
     fn pair(
-        budget: Duration,
+        budget_us: u64,
     ) -> (
         BusyPollRead<tokio::net::UnixStream>,
         Arc<AtomicBool>,
@@ -131,7 +129,7 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let ours = tokio::net::UnixStream::from_std(ours).unwrap();
         let fd = ours.as_raw_fd();
-        let (reader, armed) = BusyPollRead::new(ours, fd, budget);
+        let (reader, armed) = BusyPollRead::new(ours, fd, budget_us);
         (reader, armed, theirs)
     }
 
@@ -149,7 +147,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_armed_read_gets_bytes_that_arrive_while_it_polls() {
-        let (mut reader, armed, theirs) = pair(Duration::from_secs(5));
+        let (mut reader, armed, theirs) = pair(5_000_000);
         armed.store(true, Ordering::Relaxed);
         let writer = send_later(theirs, Duration::from_millis(20), b"hello".to_vec());
         let mut got = [0u8; 5];
@@ -164,7 +162,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_alternating_between_polling_and_readiness_lose_nothing() {
-        let (mut reader, armed, mut theirs) = pair(Duration::from_micros(1));
+        let (mut reader, armed, mut theirs) = pair(1);
         for round in 0u8..50 {
             // Bytes already there: read by `recv` when armed, by tokio otherwise;
             // the readiness events they leave behind must not confuse later reads.
