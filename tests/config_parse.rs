@@ -353,7 +353,7 @@ fn error_positions_are_structured() {
 #[test]
 fn accepted_but_ignored_keywords_warn() {
     let text = res(
-        "  disk {\n    fencing resource-only;\n    no-disk-flushes;\n    md-flushes no;\n  }\n  net {\n    rr-conflict disconnect;\n  }\n  proxy {\n    memlimit 100M;\n    plugin { lz4 level 9; }\n  }",
+        "  disk {\n    fencing resource-only;\n    no-disk-barrier;\n    md-flushes no;\n  }\n  net {\n    rr-conflict disconnect;\n  }\n  proxy {\n    memlimit 100M;\n    plugin { lz4 level 9; }\n  }",
     );
     let cfg = parse(&text).unwrap();
     let w: Vec<String> = cfg.warnings().iter().map(|w| w.to_string()).collect();
@@ -362,7 +362,7 @@ fn accepted_but_ignored_keywords_warn() {
         vec![
             "t.conf:15:3: warning: keyword proxy is accepted but has no effect in rdb",
             "t.conf:8:5: warning: keyword fencing is accepted but has no effect in rdb",
-            "t.conf:9:5: warning: keyword no-disk-flushes is accepted but has no effect in rdb",
+            "t.conf:9:5: warning: keyword no-disk-barrier is accepted but has no effect in rdb",
             "t.conf:10:5: warning: keyword md-flushes is accepted but has no effect in rdb",
             "t.conf:13:5: warning: keyword rr-conflict is accepted but has no effect in rdb",
         ]
@@ -375,8 +375,8 @@ fn accepted_but_ignored_keywords_warn() {
         "t.conf:7:21: invalid value 'perhaps' for 'md-flushes': expected yes or no"
     );
     assert_eq!(
-        err(&res("  disk { no-disk-flushes yes; }")),
-        "t.conf:7:25: missing ';' after 'no-disk-flushes' (found 'yes')"
+        err(&res("  disk { no-disk-barrier yes; }")),
+        "t.conf:7:25: missing ';' after 'no-disk-barrier' (found 'yes')"
     );
     // An unknown keyword inside an ignored section is still an error.
     assert_eq!(
@@ -853,4 +853,31 @@ fn busy_poll_budgets_are_bounded_resource_level_extensions() {
     assert_eq!((r.peer_busy_poll_us, r.nbd_busy_poll_us), (Some(300), None));
     let e = err(&res("  peer-busy-poll -1;"));
     assert!(e.starts_with("t.conf:7:"), "{e}");
+}
+
+#[test]
+fn disk_flushes_in_both_spellings() {
+    let flushes = |inner: &str| {
+        parse(&res(inner))
+            .unwrap()
+            .resolve("r", "a")
+            .unwrap()
+            .disk
+            .disk_flushes
+    };
+    assert!(flushes(""));
+    assert!(flushes("  disk { disk-flushes yes; }"));
+    assert!(!flushes("  disk { disk-flushes no; }"));
+    assert!(!flushes("  disk { no-disk-flushes; }"));
+    // Neither spelling warns any more: the keyword has an effect.
+    let cfg = parse(&res("  disk { no-disk-flushes; }")).unwrap();
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+    assert_eq!(
+        err(&res("  disk { no-disk-flushes yes; }")),
+        "t.conf:7:25: missing ';' after 'no-disk-flushes' (found 'yes')"
+    );
+    assert_eq!(
+        err(&res("  disk { disk-flushes perhaps; }")),
+        "t.conf:7:23: invalid value 'perhaps' for 'disk-flushes': expected yes or no"
+    );
 }

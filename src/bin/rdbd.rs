@@ -25,6 +25,19 @@ struct Args {
     /// Run directory (control socket, NBD sockets, FUSE mounts, log).
     #[arg(long = "run-dir", env = "RDB_RUN_DIR", default_value = rdb::daemon::DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
+    /// Worker threads of the async runtime (default: half the CPUs, at least one;
+    /// slow disk I/O runs on separate blocking threads either way).
+    #[arg(long = "worker-threads", env = "RDB_WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
+}
+
+/// Default runtime workers: half the CPUs, at least one. rdbd shares the machine
+/// with the application it serves; on 2 CPUs one worker measured better than two
+/// (no hand-over between workers at each replicated write, no work stealing among
+/// the read tasks; `docs/performance.md`).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,13 +55,12 @@ fn main() -> anyhow::Result<()> {
         node: args.node.unwrap_or_else(rdb::daemon::default_node_name),
         run_dir: args.run_dir,
     };
+    let workers = args
+        .worker_threads
+        .map_or_else(default_worker_threads, usize::from);
+    tracing::info!(workers, "starting the runtime");
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("RDB_WORKER_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2),
-        )
+        .worker_threads(workers)
         .enable_all()
         // Busy-polls the peer sockets before a worker sleeps (`peer-busy-poll`).
         .on_thread_park(rdb::peer::park_poll::before_park)

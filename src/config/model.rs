@@ -289,6 +289,10 @@ pub struct DiskConfig {
     /// Keep the activity log (default yes; `no` means a full resync after a
     /// Primary crash).
     pub al_updates: bool,
+    /// Flush the backing disk at each epoch boundary before acknowledging the
+    /// Primary's barrier (default yes; `no` only for a write cache that survives a
+    /// power loss).
+    pub disk_flushes: bool,
 }
 
 impl Default for DiskConfig {
@@ -304,6 +308,7 @@ impl Default for DiskConfig {
             io_engine: IoEngineKind::Sync,
             direct_io: false,
             al_updates: true,
+            disk_flushes: true,
         }
     }
 }

@@ -431,6 +431,11 @@ fn apply_disk(
             }
             "direct-io" => d.direct_io = values::boolean(st)?,
             "al-updates" => d.al_updates = values::boolean(st)?,
+            "disk-flushes" => d.disk_flushes = values::boolean(st)?,
+            "no-disk-flushes" => {
+                values::args_exact(st, 0)?;
+                d.disk_flushes = false;
+            }
             "rate" => return Err(unknown(Section::Disk, st)),
             _ => {
                 if !apply_resync_option(st, d)? {

@@ -303,6 +303,7 @@ impl Resource {
         // A promotion waits for the peer's answer as long as DRBD's `timeout` (at
         // least 1 s).
         volume.set_replication_limits(cfg.net.max_epoch_size, cfg.net.timeout_ms.max(1000));
+        volume.set_barrier_flushes(cfg.disk.disk_flushes);
         volume.set_congestion(crate::engine::core::Congestion {
             policy: match cfg.net.on_congestion {
                 config::OnCongestion::Block => crate::engine::core::CongestionPolicy::Block,

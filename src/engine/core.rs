@@ -13,8 +13,9 @@
 //!
 //! It also owns the transfer log (replicated writes kept until a barrier ack proves
 //! them stable on the peer, marked out of sync if the peer is lost first; see
-//! `docs/replication.md` "Epochs") and the cluster-wide promotion (a state-change
-//! request the connected peer must grant before this node becomes Primary).
+//! `docs/protocol.md` "Epochs and the transfer log") and the cluster-wide promotion
+//! (a state-change request the connected peer must grant before this node becomes
+//! Primary).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 

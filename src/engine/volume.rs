@@ -266,6 +266,9 @@ pub struct Volume {
     /// The role was Primary after the last engine step (a hint read without the
     /// lock on the write path; `false` is checked under the lock).
     primary_hint: AtomicBool,
+    /// `disk-flushes` (default yes): a Secondary makes each epoch stable
+    /// (fdatasync) before it acknowledges the Primary's barrier.
+    barrier_flushes: AtomicBool,
     epoch: Instant,
     /// `on-io-error` and the Diskless mode (`diskless.rs`).
     diskless: diskless::Diskless,
@@ -373,6 +376,7 @@ impl Volume {
             meta_changed: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             primary_hint: AtomicBool::new(false),
+            barrier_flushes: AtomicBool::new(true),
             epoch: Instant::now(),
             diskless: diskless::Diskless::default(),
             congestion: congestion::VolumeCongestion::default(),
@@ -520,6 +524,14 @@ impl Volume {
         g.engine.set_max_epoch_size(max_epoch_size);
         g.engine
             .set_state_change_timeout_ms(state_change_timeout_ms);
+    }
+
+    /// `disk-flushes`: with `false`, a barrier of the peer is acknowledged once the
+    /// writes of its epoch are written, without an fdatasync (DRBD's `disk-flushes
+    /// no`, for backing disks whose write cache survives a power loss). Flushes and
+    /// FUA writes of the application are carried out either way.
+    pub fn set_barrier_flushes(&self, enabled: bool) {
+        self.barrier_flushes.store(enabled, Ordering::Relaxed);
     }
 
     /// Periodic work of the engine (epochs, state-change timeout); the link calls
@@ -1582,10 +1594,14 @@ impl Volume {
 
     /// Flushes for the peer's barrier and acknowledges it.
     async fn barrier_flush(&self, epoch: u32, token: u64) {
-        let result = self.storage.flush().await.map_err(|e| {
-            tracing::error!(resource = %self.name, epoch, "flush for the peer's barrier: {e}");
-            e.errno()
-        });
+        let result = if self.barrier_flushes.load(Ordering::Relaxed) {
+            self.storage.flush().await.map_err(|e| {
+                tracing::error!(resource = %self.name, epoch, "flush for the peer's barrier: {e}");
+                e.errno()
+            })
+        } else {
+            Ok(())
+        };
         let event = Event::PeerBarrierDone {
             epoch,
             token,

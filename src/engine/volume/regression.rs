@@ -2,7 +2,8 @@
 //! (`docs/simulation.md`): B6 (demotion flushes the device first) and B7 (a forced
 //! promotion while connected makes the in-sync peer adopt the new current UUID);
 //! the demotion's flush bounded by the state-change timeout; zero resync chunks sent
-//! as `ResyncZeroes` only to a peer that announced the feature.
+//! as `ResyncZeroes` only to a peer that announced the feature; a barrier flushed
+//! only under `disk-flushes yes`.
 
 use super::*;
 use std::sync::atomic::AtomicUsize;
@@ -234,5 +235,52 @@ async fn zero_resync_chunks_go_as_resync_zeroes_only_to_a_peer_that_knows_them()
             }
             other => panic!("features {features}: sent {other:?}"),
         }
+    }
+}
+
+#[tokio::test]
+async fn a_barrier_is_flushed_unless_disk_flushes_is_off() {
+    for barrier_flushes in [true, false] {
+        let (v, disk) = volume(DiskState::UpToDate);
+        v.set_barrier_flushes(barrier_flushes);
+        let tx = Arc::new(Recorder::default());
+        v.attach_peer(tx.clone(), Role::Primary, DiskState::UpToDate, false);
+        v.on_frame(Frame::Data {
+            offset_bytes: 4096,
+            len: 4096,
+            request_id: 1,
+            seq: 1,
+            flags: 0,
+            digest: rdb_protocol::repl::Digest::EMPTY,
+            payload: Bytes::from(vec![9u8; 4096]),
+        })
+        .await;
+        let before = disk.flushes.load(Ordering::SeqCst);
+        v.on_frame(Frame::Barrier { epoch: 1 }).await;
+        let mut acked = None;
+        for _ in 0..5000 {
+            acked = tx.frames().into_iter().find_map(|f| match f {
+                Frame::BarrierAck { epoch: 1, count } => Some(count),
+                _ => None,
+            });
+            if acked.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            acked,
+            Some(1),
+            "disk-flushes {barrier_flushes}: barrier not acked"
+        );
+        let flushed = disk.flushes.load(Ordering::SeqCst) - before;
+        assert_eq!(
+            flushed,
+            usize::from(barrier_flushes),
+            "disk-flushes {barrier_flushes}: {flushed} flushes for one barrier"
+        );
+        // The write itself reached the disk either way.
+        let data = BlockIo::read_at(&*disk, 4096, 4096).await.expect("read");
+        assert!(data.iter().all(|&b| b == 9));
     }
 }
