@@ -16,9 +16,6 @@ use super::layout::{bitmap_bits, AL_EXTENT_SIZE_BYTES, BLOCK_SIZE_BYTES};
 
 /// Bytes per on-disk bitmap page.
 pub const PAGE_SIZE_BYTES: u64 = 4096;
-/// Most runs [`DirtyPages::write_with`] makes durable one by one (each costs a
-/// device cache flush) before one fdatasync of the whole file is cheaper.
-const MAX_DURABLE_RUNS: usize = 4;
 /// Bits (blocks) per on-disk bitmap page.
 pub const BITS_PER_PAGE: u64 = PAGE_SIZE_BYTES * 8;
 /// u64 words per page.
@@ -382,30 +379,22 @@ impl DirtyPages {
         self.write_with(md, true)
     }
 
-    /// Writes the pages to `md`'s bitmap area, durably when `sync`; returns the page
-    /// count. Unsynced pages survive a crash of the process (they are in the
+    /// Writes the pages to `md`'s bitmap area, with an fdatasync when `sync`; returns
+    /// the page count. Unsynced pages survive a crash of the process (they are in the
     /// kernel's page cache), not a power loss.
-    ///
-    /// A durable write of a few runs makes each run durable by itself
-    /// ([`MetaData::write_region_durable`]), so that it does not write back the
-    /// data pages of an internal meta-data's backing file (a disconnected Primary
-    /// writes a page or two at every activity-log change); more runs are written
-    /// plainly and then fdatasynced once.
     pub fn write_with(&self, md: &MetaData, sync: bool) -> Result<u64, MetaError> {
         if self.runs.is_empty() {
             return Ok(0);
         }
         let file = md.open_rw()?;
-        let each_durable = sync && self.runs.len() <= MAX_DURABLE_RUNS;
         for (first, buf) in &self.runs {
-            let offset_bytes = md.layout.bitmap_offset_bytes + first * PAGE_SIZE_BYTES;
-            if each_durable {
-                md.write_region_durable(&file, buf, offset_bytes)?;
-            } else {
-                md.write_region(&file, buf, offset_bytes)?;
-            }
+            md.write_region(
+                &file,
+                buf,
+                md.layout.bitmap_offset_bytes + first * PAGE_SIZE_BYTES,
+            )?;
         }
-        if sync && !each_durable {
+        if sync {
             md.sync(&file)?;
         }
         Ok(self.page_count())

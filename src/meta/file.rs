@@ -575,22 +575,6 @@ impl MetaData {
         write_all_at(file, &self.md_path, buf, offset_bytes)
     }
 
-    /// Writes `buf` at `offset_bytes` through `file` and makes that range durable
-    /// before returning (`pwritev2` with `RWF_DSYNC`; pwrite + fdatasync where the
-    /// kernel refuses the flag). Unlike [`MetaData::sync`], it does not write back
-    /// the rest of the file: with internal meta-data, an fdatasync of the backing
-    /// file also forces out every dirty data page, which made each activity-log
-    /// transaction cost milliseconds under sequential writes.
-    pub fn write_region_durable(
-        &self,
-        file: &File,
-        buf: &[u8],
-        offset_bytes: u64,
-    ) -> Result<(), MetaError> {
-        crate::storage::sys::write_all_at(file, buf, offset_bytes, true)
-            .map_err(|e| MetaError::io("write", &self.md_path, e))
-    }
-
     /// fdatasync of `file` (from [`MetaData::open_rw`]).
     pub fn sync(&self, file: &File) -> Result<(), MetaError> {
         sync(file, &self.md_path)

@@ -54,7 +54,6 @@ const INLINE_MAX_BYTES: usize = 128 * 1024;
 /// Largest buffered write copied inline (see `write_at`).
 const INLINE_WRITE_MAX_BYTES: usize = 1024 * 1024;
 
-/// Whether we run on tokio's multi-thread runtime (another worker serves while one copies).
 /// Largest buffered write copied inline on the current runtime's worker (see
 /// `write_at`): none outside a multi-thread runtime (the copy would block the
 /// only thread), [`INLINE_WRITE_MAX_BYTES`] with several workers, and
