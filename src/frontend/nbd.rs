@@ -272,6 +272,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, armed) = busy_poll::BusyPollRead::new(rd, fd, ctx.limits.busy_poll_us);
+    // A request on this socket ends a worker's peer busy-poll.
+    let _watched = crate::peer::park_poll::watch(fd);
     let outcome = tokio::select! {
         outcome = handshake::negotiate(&ctx, &mut rd, &mut wr) => outcome?,
         () = wait_shutdown(&mut shutdown) => return Ok(()),
@@ -300,6 +302,7 @@ pub async fn serve_transmission_only(
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let (rd, armed) = busy_poll::BusyPollRead::new(rd, fd, limits.busy_poll_us);
+    let _watched = crate::peer::park_poll::watch(fd);
     transmission::serve(session, &limits, rd, armed, wr, shutdown).await
 }
 

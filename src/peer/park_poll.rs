@@ -13,13 +13,18 @@
 //! sleeping. The peer's answer to a frame just sent (an ack) or its next frame
 //! usually arrives within that budget.
 //!
+//! The NBD connections' sockets are registered too, as *watched* sockets with no
+//! budget of their own ([`watch`]): they never start a poll, but one that becomes
+//! readable ends it, so a spinning worker (the only one, on a 2-CPU machine) does
+//! not leave an application's request waiting for the peer's budget to run out.
+//!
 //! It is a registry rather than state passed around because the hook belongs to
 //! the runtime, which `rdbd` builds before any resource exists. A socket stays
 //! registered while its [`Registration`] lives; the link's reader holds it next to
 //! the socket's read half, so a registered descriptor is always open.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,46 +33,71 @@ use crate::spin::spin_until;
 /// Default budget (µs) of the `peer-busy-poll` keyword.
 pub const DEFAULT_PEER_BUSY_POLL_US: u32 = 150;
 
-/// Most sockets polled at once (one per connected peer; more are not polled).
-const MAX_POLLED: usize = 16;
+/// Most sockets polled at once (peers and watched NBD sockets; the first ones
+/// registered are polled, a socket beyond them only waits for the budget).
+const MAX_POLLED: usize = 64;
 
-/// Registered sockets and their budgets.
-static SOCKETS: Mutex<Vec<(RawFd, u32)>> = Mutex::new(Vec::new());
-/// Number of entries of `SOCKETS`, read without the lock on every park.
-static COUNT: AtomicUsize = AtomicUsize::new(0);
+/// One registered socket: its descriptor, its budget (0: watched only) and the
+/// registration's id.
+struct Entry {
+    fd: RawFd,
+    budget_us: u32,
+    id: u64,
+}
+
+/// Registered sockets.
+static SOCKETS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+/// Entries with a budget, read without the lock on every park.
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+/// Ids of registrations.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Keeps a socket registered; unregisters it when dropped.
 #[derive(Debug)]
 pub(crate) struct Registration {
-    fd: RawFd,
+    id: u64,
 }
 
-/// Registers `fd` (an open socket that must stay open while the returned
-/// registration lives) with a budget of `budget_us`; `None` when the budget is 0.
-pub(crate) fn register(fd: RawFd, budget_us: u32) -> Option<Registration> {
-    if budget_us == 0 {
-        return None;
-    }
+fn add(fd: RawFd, budget_us: u32) -> Registration {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let mut sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
-    sockets.push((fd, budget_us));
-    COUNT.store(sockets.len(), Ordering::Relaxed);
-    Some(Registration { fd })
+    sockets.push(Entry { fd, budget_us, id });
+    SPINNERS.store(spinners(&sockets), Ordering::Relaxed);
+    Registration { id }
+}
+
+fn spinners(sockets: &[Entry]) -> usize {
+    sockets.iter().filter(|e| e.budget_us > 0).count()
+}
+
+/// Registers a peer socket `fd` (open while the returned registration lives) with
+/// a budget of `budget_us`; `None` when the budget is 0.
+pub(crate) fn register(fd: RawFd, budget_us: u32) -> Option<Registration> {
+    (budget_us > 0).then(|| add(fd, budget_us))
+}
+
+/// Watches an application's socket `fd` (an NBD connection, open while the
+/// returned registration lives): it never starts a poll, but ends one when it
+/// becomes readable.
+pub(crate) fn watch(fd: RawFd) -> Registration {
+    add(fd, 0)
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = sockets.iter().position(|&(fd, _)| fd == self.fd) {
+        if let Some(i) = sockets.iter().position(|e| e.id == self.id) {
             sockets.swap_remove(i);
         }
-        COUNT.store(sockets.len(), Ordering::Relaxed);
+        SPINNERS.store(spinners(&sockets), Ordering::Relaxed);
     }
 }
 
-/// The `on_thread_park` hook: polls the registered sockets until one is readable
-/// or the largest budget has passed. Returns at once when none is registered.
+/// The `on_thread_park` hook: while a peer socket is registered, polls every
+/// registered socket until one is readable or the largest budget has passed.
+/// Returns at once when no peer socket is registered.
 pub fn before_park() {
-    if COUNT.load(Ordering::Relaxed) == 0 {
+    if SPINNERS.load(Ordering::Relaxed) == 0 {
         return;
     }
     let mut fds = [libc::pollfd {
@@ -79,17 +109,17 @@ pub fn before_park() {
     let mut budget_us = 0;
     {
         let sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
-        for &(fd, us) in sockets.iter().take(MAX_POLLED) {
+        for e in sockets.iter().take(MAX_POLLED) {
             fds[n] = libc::pollfd {
-                fd,
+                fd: e.fd,
                 events: libc::POLLIN,
                 revents: 0,
             };
             n += 1;
-            budget_us = budget_us.max(us);
+            budget_us = budget_us.max(e.budget_us);
         }
     }
-    if n == 0 {
+    if n == 0 || budget_us == 0 {
         return;
     }
     let budget = Duration::from_micros(u64::from(budget_us));
@@ -97,8 +127,9 @@ pub fn before_park() {
     let _ = spin_until(budget, || {
         // SAFETY: `fds[..n]` is an initialised array of `n` pollfd structures that
         // `poll` may write `revents` into; a zero timeout never blocks. The
-        // descriptors are open (see the module doc); a closed one would only be
-        // reported as POLLNVAL, which ends the wait.
+        // descriptors are open (see the module doc); one closed in the instant
+        // between its owner's close and the registration's drop would only be
+        // reported as POLLNVAL (or, reused, as some readiness), which ends the wait.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 0) };
         (ready != 0).then_some(())
     });
@@ -138,6 +169,36 @@ mod tests {
             .lock()
             .unwrap()
             .iter()
-            .all(|&(fd, _)| fd != ours.as_raw_fd()));
+            .all(|e| e.fd != ours.as_raw_fd()));
+    }
+
+    #[test]
+    fn a_watched_socket_ends_the_poll_but_never_starts_one() {
+        let (_peer_theirs, peer_ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut app_theirs, app_ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        let watched = watch(app_ours.as_raw_fd());
+        // A peer with a 1 s budget and nothing to read: the application's request
+        // ends the poll long before the budget.
+        let peer = register(peer_ours.as_raw_fd(), 1_000_000).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            app_theirs.write_all(b"x").unwrap();
+            app_theirs
+        });
+        let t0 = Instant::now();
+        before_park();
+        assert!(
+            t0.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+        let _app_theirs = writer.join().unwrap();
+        drop(peer);
+        drop(watched);
+        assert!(SOCKETS
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|e| e.fd != app_ours.as_raw_fd() && e.fd != peer_ours.as_raw_fd()));
     }
 }
