@@ -139,17 +139,15 @@ pub fn before_park() {
 mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
 
     use std::time::Instant;
 
     use super::*;
 
-    #[test]
-    fn polls_until_readable_and_not_without_registrations() {
-        // Other tests of this binary may register sockets too: only ours matter.
-        let (mut theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reg = register(ours.as_raw_fd(), 1_000_000).unwrap();
-        assert!(register(ours.as_raw_fd(), 0).is_none());
+    /// Writes a byte to `theirs` 20 ms from now and checks that `before_park`
+    /// returns because of it, long before a 1 s budget.
+    fn returns_when_written(mut theirs: UnixStream) -> UnixStream {
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             theirs.write_all(b"x").unwrap();
@@ -157,48 +155,40 @@ mod tests {
         });
         let t0 = Instant::now();
         before_park();
-        // Returned because the socket became readable, long before the 1 s budget.
         assert!(
             t0.elapsed() < Duration::from_millis(900),
             "{:?}",
             t0.elapsed()
         );
-        let _theirs = writer.join().unwrap();
-        drop(reg);
-        assert!(SOCKETS
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|e| e.fd != ours.as_raw_fd()));
+        writer.join().unwrap()
+    }
+
+    fn registered(fd: RawFd) -> bool {
+        SOCKETS.lock().unwrap().iter().any(|e| e.fd == fd)
     }
 
     #[test]
-    fn a_watched_socket_ends_the_poll_but_never_starts_one() {
-        let (_peer_theirs, peer_ours) = std::os::unix::net::UnixStream::pair().unwrap();
-        let (mut app_theirs, app_ours) = std::os::unix::net::UnixStream::pair().unwrap();
+    fn polls_until_readable_and_not_without_registrations() {
+        // Other tests of this binary may register sockets too: only ours matter.
+        let (theirs, ours) = UnixStream::pair().unwrap();
+        let reg = register(ours.as_raw_fd(), 1_000_000).unwrap();
+        assert!(register(ours.as_raw_fd(), 0).is_none());
+        let _theirs = returns_when_written(theirs);
+        drop(reg);
+        assert!(!registered(ours.as_raw_fd()));
+    }
+
+    #[test]
+    fn a_watched_socket_ends_the_poll() {
+        let (_peer_theirs, peer_ours) = UnixStream::pair().unwrap();
+        let (app_theirs, app_ours) = UnixStream::pair().unwrap();
         let watched = watch(app_ours.as_raw_fd());
         // A peer with a 1 s budget and nothing to read: the application's request
-        // ends the poll long before the budget.
+        // ends the poll.
         let peer = register(peer_ours.as_raw_fd(), 1_000_000).unwrap();
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            app_theirs.write_all(b"x").unwrap();
-            app_theirs
-        });
-        let t0 = Instant::now();
-        before_park();
-        assert!(
-            t0.elapsed() < Duration::from_millis(900),
-            "{:?}",
-            t0.elapsed()
-        );
-        let _app_theirs = writer.join().unwrap();
+        let _app_theirs = returns_when_written(app_theirs);
         drop(peer);
         drop(watched);
-        assert!(SOCKETS
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|e| e.fd != app_ours.as_raw_fd() && e.fd != peer_ours.as_raw_fd()));
+        assert!(!registered(app_ours.as_raw_fd()) && !registered(peer_ours.as_raw_fd()));
     }
 }
