@@ -918,13 +918,13 @@ impl Resource {
     }
 }
 
-/// Transport settings from the resolved configuration.
 /// The `nbd-busy-poll` budget of the resource's NBD sockets (unix, TCP, `/dev/nbdX`).
 fn nbd_busy_poll_us(cfg: &ResourceConfig) -> u64 {
     cfg.nbd_busy_poll_us
         .map_or(crate::frontend::nbd::DEFAULT_BUSY_POLL_US, u64::from)
 }
 
+/// Transport settings from the resolved configuration.
 fn peer_settings(cfg: &ResourceConfig, peer: &config::HostConfig) -> PeerSettings {
     let net = &cfg.net;
     PeerSettings {

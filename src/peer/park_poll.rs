@@ -21,7 +21,9 @@
 //! It is a registry rather than state passed around because the hook belongs to
 //! the runtime, which `rdbd` builds before any resource exists. A socket stays
 //! registered while its [`Registration`] lives; the link's reader holds it next to
-//! the socket's read half, so a registered descriptor is always open.
+//! the socket's read half, and an NBD connection for as long as it serves, so a
+//! registered descriptor is open (an NBD one at most until the instant its
+//! registration is dropped).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,8 +35,8 @@ use crate::spin::spin_until;
 /// Default budget (µs) of the `peer-busy-poll` keyword.
 pub const DEFAULT_PEER_BUSY_POLL_US: u32 = 150;
 
-/// Most sockets polled at once (peers and watched NBD sockets; the first ones
-/// registered are polled, a socket beyond them only waits for the budget).
+/// Most sockets polled at once: the peer sockets first, then watched NBD sockets
+/// (a watched socket beyond the bound only waits for the budget).
 const MAX_POLLED: usize = 64;
 
 /// One registered socket: its descriptor, its budget (0: watched only) and the
@@ -109,7 +111,9 @@ pub fn before_park() {
     let mut budget_us = 0;
     {
         let sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
-        for e in sockets.iter().take(MAX_POLLED) {
+        let peers = sockets.iter().filter(|e| e.budget_us > 0);
+        let watched = sockets.iter().filter(|e| e.budget_us == 0);
+        for e in peers.chain(watched).take(MAX_POLLED) {
             fds[n] = libc::pollfd {
                 fd: e.fd,
                 events: libc::POLLIN,
