@@ -453,14 +453,17 @@ impl Resource {
         md.superblock.flags |= meta::flags::AL_CLEAN;
     }
 
-    fn persist(&mut self) -> Result<(), ResourceError> {
-        let mut md = self.md();
-        let mut sb = md.superblock.clone();
-        self.volume.fill_superblock(&mut sb);
-        md.superblock = sb;
-        meta::write_superblock(&md)?;
-        drop(md);
-        self.volume.write_bitmap_blocking()?;
+    /// Writes the superblock, then the dirty bitmap pages (after a data flush if
+    /// they hold cleared bits, see `Volume::write_bitmap`).
+    async fn persist(&mut self) -> Result<(), ResourceError> {
+        {
+            let mut md = self.md();
+            let mut sb = md.superblock.clone();
+            self.volume.fill_superblock(&mut sb);
+            md.superblock = sb;
+            meta::write_superblock(&md)?;
+        }
+        self.volume.write_bitmap().await?;
         Ok(())
     }
 
@@ -480,7 +483,7 @@ impl Resource {
             // From now on the AL may hold extents to replay after a crash.
             md.superblock.flags &= !meta::flags::AL_CLEAN;
         }
-        self.persist()?;
+        self.persist().await?;
         self.volume.announce_state();
         if forced {
             if let Some(r) = &self.replication {
@@ -491,7 +494,7 @@ impl Resource {
             // Roll back: a Primary without its device would surprise everyone.
             let _ = self.volume.demote();
             self.mark_not_primary();
-            let _ = self.persist();
+            let _ = self.persist().await;
             return Err(e);
         }
         if self.frontend == "none" {
@@ -646,7 +649,7 @@ impl Resource {
         self.volume.announce_state();
         tracing::info!(resource = self.name(), "role( Primary -> Secondary )");
         self.mark_not_primary();
-        self.persist()?;
+        self.persist().await?;
         Ok(())
     }
 
@@ -698,7 +701,7 @@ impl Resource {
         match action {
             AdminAction::Invalidate => {
                 self.volume.invalidate().map_err(refused)?;
-                self.persist()?;
+                self.persist().await?;
                 if let Some(r) = &self.replication {
                     r.recheck();
                 }
@@ -740,7 +743,7 @@ impl Resource {
                     }
                 }
                 let uuid = self.volume.new_current_uuid(clear_bitmap);
-                self.persist()?;
+                self.persist().await?;
                 if clear_bitmap {
                     if let Some(r) = &self.replication {
                         r.command(LinkCommand::SkipInitialSync);
@@ -758,7 +761,7 @@ impl Resource {
             }
             AdminAction::Outdate => {
                 self.volume.outdate().map_err(refused)?;
-                self.persist()?;
+                self.persist().await?;
                 self.volume.announce_state();
                 Ok("disk Outdated".into())
             }
@@ -826,7 +829,7 @@ impl Resource {
         if let Err(e) = self.volume.retire_activity_log().await {
             tracing::error!(resource = self.name(), "activity log at down: {e}");
         }
-        self.persist()?;
+        self.persist().await?;
         tracing::info!(
             resource = self.name(),
             "disk( {} -> Diskless )",

@@ -4,14 +4,21 @@
 //! after a crash: **an extent is in the on-disk activity log before the first write
 //! to it reaches the disk**. A write to a hot extent (the common case: a working set
 //! inside `al-extents` x 4 MiB) costs two uncontended mutex operations and no
-//! meta-data I/O. A write to a cold extent waits for one AL transaction (4 KiB +
-//! fdatasync). Transactions are written one at a time, and every cold extent
+//! meta-data I/O. A write to a cold extent waits for one AL transaction (4 KiB,
+//! durable on its range). Transactions are written one at a time, and every cold extent
 //! requested while one is being written joins the next one (batching).
 //!
-//! Before a transaction that evicts extents is written, the dirty bitmap pages are
-//! written (the caller's `flush_bitmap`), so a bit set for a write to an evicted
-//! extent is on disk: after a crash the on-disk bitmap plus the replayed AL extents
-//! cover every block that may differ from the peer.
+//! A transaction is one 4 KiB write made durable on its own range (`RWF_DSYNC`):
+//! it does not write back the data of an internal meta-data's backing file. Only a
+//! transaction that **evicts** an extent of the durable log needs more, and the
+//! caller's `before_eviction` provides it before the transaction is written:
+//! - the dirty bitmap pages, durable, so a bit set for a write to an evicted extent
+//!   is on disk: after a crash the on-disk bitmap plus the replayed AL extents cover
+//!   every block that may differ from the peer;
+//! - a flush of the data, so the completed writes to the evicted extent are on disk
+//!   (after a crash only hot extents are resynced). This is DRBD's pre-flush of the
+//!   meta-data write, and it is what external meta-data needs: there an fdatasync of
+//!   the meta-data file does not touch the data.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -19,7 +26,7 @@ use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::meta::{self, ActivityLog, MetaData, MetaError};
+use crate::meta::{self, ActivityLog, AlTransaction, MetaData, MetaError};
 
 struct AlState {
     log: ActivityLog,
@@ -27,6 +34,9 @@ struct AlState {
     pending: HashSet<u32>,
     /// Cold extents waited for: the next transaction activates them together.
     wanted: BTreeSet<u32>,
+    /// The hot set of the newest durable transaction: a transaction that lacks one
+    /// of these evicts it.
+    durable: HashSet<u32>,
 }
 
 /// The activity log of one volume.
@@ -40,6 +50,7 @@ pub struct AlGate {
     /// Tasks waiting on `idle` (writes only notify when there are some).
     idle_waiters: AtomicUsize,
     writes: AtomicU64,
+    evictions: AtomicU64,
 }
 
 /// Writes in flight on some extents; ends them when dropped.
@@ -69,17 +80,20 @@ impl AlGate {
     /// The gate over `md`'s activity log, with the hot set of its newest transaction.
     pub fn new(md: MetaData) -> Result<AlGate, MetaError> {
         let log = ActivityLog::from_meta(&md)?;
+        let durable = log.hot_extents().into_iter().collect();
         Ok(AlGate {
             md,
             state: Mutex::new(AlState {
                 log,
                 pending: HashSet::new(),
                 wanted: BTreeSet::new(),
+                durable,
             }),
             writer: tokio::sync::Mutex::new(()),
             idle: tokio::sync::Notify::new(),
             idle_waiters: AtomicUsize::new(0),
             writes: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
         })
     }
 
@@ -99,13 +113,20 @@ impl AlGate {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// Number of those transactions that evicted extents (each after a data flush).
+    pub fn evictions_written(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
     /// Makes the extents of `[offset, offset+len)` hot and durable in the AL, then
     /// counts a write in flight on each until the returned hold is dropped.
+    /// `before_eviction` runs before a transaction that evicts extents is written:
+    /// it makes the bitmap durable and flushes the data (see the module doc).
     pub async fn begin<F, Fut>(
         &self,
         offset_bytes: u64,
         len_bytes: u64,
-        flush_bitmap: F,
+        before_eviction: F,
     ) -> Result<AlHold<'_>, MetaError>
     where
         F: Fn() -> Fut,
@@ -160,14 +181,7 @@ impl AlGate {
                 continue;
             };
             if let Some(tr) = tr {
-                let written = async {
-                    flush_bitmap().await?;
-                    let md = self.md.clone();
-                    tokio::task::spawn_blocking(move || meta::al::write_transaction(&md, &tr))
-                        .await
-                        .map_err(|e| MetaError::InvalidArgument(format!("AL writer: {e}")))?
-                }
-                .await;
+                let written = self.write(tr, &before_eviction).await;
                 let mut st = self.lock();
                 for e in &batch {
                     st.pending.remove(e);
@@ -177,10 +191,39 @@ impl AlGate {
                     tracing::error!("activity log transaction failed: {e}");
                     return Err(e);
                 }
-                self.writes.fetch_add(1, Ordering::Relaxed);
             }
             drop(writer);
         }
+    }
+
+    /// Writes `tr` (the caller holds `writer`), after `before_eviction` when it drops
+    /// an extent of the durable log.
+    async fn write<F, Fut>(&self, tr: AlTransaction, before_eviction: &F) -> Result<(), MetaError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), MetaError>>,
+    {
+        let evicts = {
+            let st = self.lock();
+            // `tr.extents` is ascending (`ActivityLog::hot_extents`).
+            st.durable
+                .iter()
+                .any(|e| tr.extents.binary_search(e).is_err())
+        };
+        if evicts {
+            before_eviction().await?;
+        }
+        let md = self.md.clone();
+        let tr =
+            tokio::task::spawn_blocking(move || meta::al::write_transaction(&md, &tr).map(|()| tr))
+                .await
+                .map_err(|e| MetaError::InvalidArgument(format!("AL writer: {e}")))??;
+        self.lock().durable = tr.extents.iter().copied().collect();
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        if evicts {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The hold, if every extent is hot and durable.
@@ -205,17 +248,17 @@ impl AlGate {
     }
 
     /// Empties the log of idle extents and writes the transaction (clean demotion or
-    /// `down`: nothing to resync from the AL after this).
-    pub async fn retire_idle(&self) -> Result<(), MetaError> {
+    /// `down`: nothing to resync from the AL after this), after `before_eviction`.
+    pub async fn retire_idle<F, Fut>(&self, before_eviction: F) -> Result<(), MetaError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), MetaError>>,
+    {
         let _writer = self.writer.lock().await;
         let tr = self.lock().log.retire_idle();
-        if let Some(tr) = tr {
-            let md = self.md.clone();
-            tokio::task::spawn_blocking(move || meta::al::write_transaction(&md, &tr))
-                .await
-                .map_err(|e| MetaError::InvalidArgument(format!("AL writer: {e}")))??;
-            self.writes.fetch_add(1, Ordering::Relaxed);
+        match tr {
+            Some(tr) => self.write(tr, &before_eviction).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 }

@@ -36,7 +36,6 @@ use crate::engine::core::{
 use crate::engine::state::{ConnState, DiskState, Role};
 use crate::engine::sync::SyncView;
 use crate::engine::StateChangeError;
-use crate::meta::bitmap::DirtyPages;
 use crate::meta::{self, Bitmap, GenerationUuids, MetaData, MetaError, Superblock};
 use crate::storage::{BlockIo, Extent, IoError, IoFuture};
 
@@ -774,20 +773,32 @@ impl Volume {
         self.persist_superblock().await
     }
 
-    /// Writes the superblock when the UUIDs, flags or disk state changed.
+    /// Writes the superblock when the UUIDs, flags or disk state changed. A
+    /// superblock that becomes Consistent (a resync ended here) waits for a flush of
+    /// the data it vouches for: its own durable write is not a data barrier.
     async fn persist_superblock(&self) -> Result<(), MetaError> {
         let Some(md) = self.md.clone() else {
             return Ok(());
         };
-        let snapshot = {
+        let (snapshot, becomes_consistent) = {
             let mut md = lock_md(&md);
             let mut sb = md.superblock.clone();
             if !self.fill_superblock(&mut sb) {
                 return Ok(());
             }
+            let consistent = meta::flags::CONSISTENT;
+            let becomes_consistent =
+                sb.flags & consistent != 0 && md.superblock.flags & consistent == 0;
             md.superblock = sb;
-            md.clone()
+            (md.clone(), becomes_consistent)
         };
+        if becomes_consistent {
+            if let Err(e) = self.flush_data_for_meta(&snapshot).await {
+                // Written again at the next change or pass of the keeper.
+                lock_md(&md).superblock.flags &= !meta::flags::CONSISTENT;
+                return Err(e);
+            }
+        }
         tokio::task::spawn_blocking(move || meta::write_superblock(&snapshot))
             .await
             .map_err(|e| MetaError::InvalidArgument(format!("superblock writer: {e}")))?
@@ -812,21 +823,25 @@ impl Volume {
                     ConnState::SyncSource | ConnState::SyncTarget
                 )
         };
-        self.write_bitmap_with(!lazy).await?;
+        self.write_bitmap_with(!lazy, false).await?;
         self.persist_superblock().await
     }
 
     /// Writes the dirty bitmap pages to the meta-data (outside the volume lock).
     pub async fn write_bitmap(&self) -> Result<u64, MetaError> {
-        self.write_bitmap_with(true).await
+        self.write_bitmap_with(true, false).await
     }
 
-    /// Writes the dirty bitmap pages. With `sync`, they are written, fdatasynced and
-    /// clean. Without, a copy is written and the pages stay dirty, so the next
-    /// durable write (before an AL transaction, at a state change) still writes and
-    /// syncs them: an AL transaction can never become durable before the bits of
-    /// the extents it evicts.
-    async fn write_bitmap_with(&self, sync: bool) -> Result<u64, MetaError> {
+    /// Writes the dirty bitmap pages. With `sync`, they are written durably and
+    /// clean; pages holding cleared bits (a resync or an acknowledged write proved
+    /// the blocks equal) are written only after a flush of the data, which
+    /// `flush_data` also asks for (before an AL transaction that evicts extents).
+    /// Without `sync`, a copy is written and the pages stay dirty, so the next
+    /// durable write (before an evicting AL transaction, at a state change) still
+    /// writes them: an AL transaction can never become durable before the bits of
+    /// the extents it evicts. No copy is written of pages holding cleared bits: the
+    /// kernel could write it back before the data.
+    async fn write_bitmap_with(&self, sync: bool, flush_data: bool) -> Result<u64, MetaError> {
         let Some(md) = self.md.as_ref().map(|m| lock_md(m).clone()) else {
             return Ok(0);
         };
@@ -835,9 +850,20 @@ impl Volume {
             let pages = g.bitmap.take_dirty_pages(&md)?;
             if !sync {
                 g.bitmap.restore_dirty_pages(&pages);
+                if pages.holds_cleared_bits() {
+                    return Ok(0);
+                }
             }
             pages
         };
+        if sync && (flush_data || pages.holds_cleared_bits()) {
+            // The pages were taken first: every bit cleared in them was cleared after
+            // its data write completed, so this flush covers that data.
+            if let Err(e) = self.flush_data_for_meta(&md).await {
+                self.lock().bitmap.restore_dirty_pages(&pages);
+                return Err(e);
+            }
+        }
         if pages.is_empty() {
             return Ok(0);
         }
@@ -862,28 +888,26 @@ impl Volume {
         }
     }
 
-    /// Writes the bitmap synchronously (`down`, from a blocking context).
-    pub fn write_bitmap_blocking(&self) -> Result<u64, MetaError> {
-        let Some(md) = self.md.as_ref().map(|m| lock_md(m).clone()) else {
-            return Ok(0);
-        };
-        let pages: DirtyPages = self.lock().bitmap.take_dirty_pages(&md)?;
-        match pages.write(&md) {
-            Ok(n) => {
-                self.lock().bm_pages_written += n;
-                Ok(n)
-            }
-            Err(e) => {
-                self.lock().bitmap.restore_dirty_pages(&pages);
-                Err(e)
-            }
-        }
+    /// Flushes the backing disk before a meta-data write that must not be durable
+    /// before the data (`docs/metadata.md`, "Write ordering").
+    async fn flush_data_for_meta(&self, md: &MetaData) -> Result<(), MetaError> {
+        self.storage.flush().await.map_err(|e| MetaError::Io {
+            op: "flush the data before the meta-data of",
+            path: md.disk_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// What must be durable before an activity-log transaction evicts extents: the
+    /// bitmap bits of writes to them and the data of those writes.
+    async fn before_al_eviction(&self) -> Result<(), MetaError> {
+        self.write_bitmap_with(true, true).await.map(|_| ())
     }
 
     /// Empties the activity log (clean demotion, `down`).
     pub async fn retire_activity_log(&self) -> Result<(), MetaError> {
         match &self.al {
-            Some(al) => al.retire_idle().await,
+            Some(al) => al.retire_idle(|| self.before_al_eviction()).await,
             None => Ok(()),
         }
     }
@@ -905,12 +929,10 @@ impl Volume {
         {
             return Ok(None);
         }
-        al.begin(offset_bytes, len_bytes, || async {
-            self.write_bitmap().await.map(|_| ())
-        })
-        .await
-        .map(Some)
-        .map_err(|e| IoError::Io(std::io::Error::other(format!("activity log: {e}"))))
+        al.begin(offset_bytes, len_bytes, || self.before_al_eviction())
+            .await
+            .map(Some)
+            .map_err(|e| IoError::Io(std::io::Error::other(format!("activity log: {e}"))))
     }
 
     /// Resync progress, if a resync runs.

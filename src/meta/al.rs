@@ -215,12 +215,14 @@ pub fn write_transaction(md: &MetaData, tr: &AlTransaction) -> Result<(), MetaEr
     let block = encode_transaction(tr)?;
     let slot = tr.tr_number % AL_RING_SLOTS;
     let file = md.open_rw()?;
-    md.write_region(
+    // Durable before the writes it covers are issued, without writing back the data
+    // of an internal meta-data's backing file. A transaction that evicts extents
+    // needs their data durable first: the caller flushes it (`AlGate::begin`).
+    md.write_region_durable(
         &file,
         &block,
         md.layout.al_offset_bytes + slot * AL_TRANSACTION_SIZE_BYTES,
-    )?;
-    md.sync(&file)
+    )
 }
 
 /// Reads the ring and returns the newest valid transaction of this meta-data (valid:

@@ -16,6 +16,9 @@ use super::layout::{bitmap_bits, AL_EXTENT_SIZE_BYTES, BLOCK_SIZE_BYTES};
 
 /// Bytes per on-disk bitmap page.
 pub const PAGE_SIZE_BYTES: u64 = 4096;
+/// Most runs [`DirtyPages::write_with`] makes durable one by one (each costs a
+/// device cache flush) before one fdatasync of the whole file is cheaper.
+const MAX_DURABLE_RUNS: usize = 4;
 /// Bits (blocks) per on-disk bitmap page.
 pub const BITS_PER_PAGE: u64 = PAGE_SIZE_BYTES * 8;
 /// u64 words per page.
@@ -28,6 +31,9 @@ pub struct Bitmap {
     bits: BitVec<u64, Lsb0>,
     set_count: u64,
     dirty_pages: BitVec<u64, Lsb0>,
+    /// Some dirty page holds a bit cleared since it was last taken: writing it
+    /// durably must wait for a flush of the data that cleared it.
+    cleared_dirty: bool,
 }
 
 impl Bitmap {
@@ -40,6 +46,7 @@ impl Bitmap {
             bits: BitVec::repeat(false, bit_count),
             set_count: 0,
             dirty_pages: BitVec::repeat(false, page_count),
+            cleared_dirty: false,
         }
     }
 
@@ -123,6 +130,7 @@ impl Bitmap {
         };
         if changed > 0 {
             self.mark_dirty(first, end);
+            self.cleared_dirty |= !value;
         }
         // Full recount only for small bitmaps: it is O(size).
         debug_assert!(self.bits.len() > 1 << 20 || self.set_count == self.bits.count_ones() as u64);
@@ -181,6 +189,7 @@ impl Bitmap {
         let len = self.bits.len();
         self.fill(0, len, false);
         self.dirty_pages.fill(true);
+        self.cleared_dirty = true;
     }
 
     /// Runs of set blocks at or after `from_offset_bytes`, as `(offset_bytes,
@@ -340,7 +349,8 @@ impl Bitmap {
             page = run_end;
         }
         self.dirty_pages.fill(false);
-        Ok(DirtyPages { runs })
+        let cleared = std::mem::take(&mut self.cleared_dirty);
+        Ok(DirtyPages { runs, cleared })
     }
 
     /// Marks the pages of `pages` dirty again (their write failed).
@@ -350,6 +360,7 @@ impl Bitmap {
             let first = *first as usize;
             self.dirty_pages[first..first + count].fill(true);
         }
+        self.cleared_dirty |= pages.cleared;
     }
 }
 
@@ -358,6 +369,8 @@ impl Bitmap {
 pub struct DirtyPages {
     /// (first page index, encoded pages).
     runs: Vec<(u64, Vec<u8>)>,
+    /// Some page holds a bit cleared since the pages were last taken.
+    cleared: bool,
 }
 
 impl DirtyPages {
@@ -367,6 +380,13 @@ impl DirtyPages {
             .iter()
             .map(|(_, b)| b.len() as u64 / PAGE_SIZE_BYTES)
             .sum()
+    }
+
+    /// Whether some page holds a cleared bit: such pages may become durable only
+    /// after the data whose writes cleared the bits (flush the data first; a copy
+    /// written without a flush could reach the disk before that data).
+    pub fn holds_cleared_bits(&self) -> bool {
+        self.cleared
     }
 
     /// Whether there is nothing to write.
@@ -379,22 +399,30 @@ impl DirtyPages {
         self.write_with(md, true)
     }
 
-    /// Writes the pages to `md`'s bitmap area, with an fdatasync when `sync`; returns
-    /// the page count. Unsynced pages survive a crash of the process (they are in the
-    /// kernel's page cache), not a power loss.
+    /// Writes the pages to `md`'s bitmap area, durably when `sync`; returns the page
+    /// count. Unsynced pages survive a crash of the process (they are in the kernel's
+    /// page cache), not a power loss.
+    ///
+    /// A durable write of a few runs makes each run durable by itself
+    /// ([`MetaData::write_region_durable`]), so that it does not write back the data
+    /// pages of an internal meta-data's backing file; more runs are written plainly
+    /// and then fdatasynced once. Neither is a data barrier: pages holding cleared
+    /// bits ([`DirtyPages::holds_cleared_bits`]) need the data flushed first.
     pub fn write_with(&self, md: &MetaData, sync: bool) -> Result<u64, MetaError> {
         if self.runs.is_empty() {
             return Ok(0);
         }
         let file = md.open_rw()?;
+        let each_durable = sync && self.runs.len() <= MAX_DURABLE_RUNS;
         for (first, buf) in &self.runs {
-            md.write_region(
-                &file,
-                buf,
-                md.layout.bitmap_offset_bytes + first * PAGE_SIZE_BYTES,
-            )?;
+            let offset_bytes = md.layout.bitmap_offset_bytes + first * PAGE_SIZE_BYTES;
+            if each_durable {
+                md.write_region_durable(&file, buf, offset_bytes)?;
+            } else {
+                md.write_region(&file, buf, offset_bytes)?;
+            }
         }
-        if sync {
+        if sync && !each_durable {
             md.sync(&file)?;
         }
         Ok(self.page_count())

@@ -377,7 +377,8 @@ pub fn read_md(disk: &Path, meta: &MetaLocation) -> Result<MetaData, MetaError> 
     Ok(md)
 }
 
-/// Writes `md.superblock` durably (write + fdatasync).
+/// Writes `md.superblock` durably (`RWF_DSYNC` on its 4 KiB, see
+/// [`MetaData::write_region_durable`]: not a data barrier).
 pub fn write_superblock(md: &MetaData) -> Result<(), MetaError> {
     let place = Place::at(&md.md_path, md.layout.superblock_offset_bytes);
     md.superblock.check().map_err(|reason| MetaError::Corrupt {
@@ -391,13 +392,11 @@ pub fn write_superblock(md: &MetaData) -> Result<(), MetaError> {
         ));
     }
     let file = open_rw(&md.md_path)?;
-    write_all_at(
+    md.write_region_durable(
         &file,
-        &md.md_path,
         &md.superblock.encode(),
         md.layout.superblock_offset_bytes,
-    )?;
-    sync(&file, &md.md_path)
+    )
 }
 
 /// Destroys the meta-data: zeroes the superblock and the activity log (durably).
@@ -573,6 +572,24 @@ impl MetaData {
         offset_bytes: u64,
     ) -> Result<(), MetaError> {
         write_all_at(file, &self.md_path, buf, offset_bytes)
+    }
+
+    /// Writes `buf` at `offset_bytes` through `file` and makes that range durable
+    /// before returning (`pwritev2` with `RWF_DSYNC`; pwrite + fdatasync where the
+    /// kernel refuses the flag). Unlike [`MetaData::sync`], it does not write back
+    /// the rest of the file: with internal meta-data an fdatasync of the backing file
+    /// also forces out every dirty data page. It is **not** a data barrier: a caller
+    /// whose write must not be durable before some data (an activity-log transaction
+    /// that evicts extents, cleared bitmap bits, a superblock that becomes Consistent)
+    /// flushes the data first (`docs/metadata.md`, "Write ordering").
+    pub fn write_region_durable(
+        &self,
+        file: &File,
+        buf: &[u8],
+        offset_bytes: u64,
+    ) -> Result<(), MetaError> {
+        crate::storage::sys::write_all_at(file, buf, offset_bytes, true)
+            .map_err(|e| MetaError::io("write", &self.md_path, e))
     }
 
     /// fdatasync of `file` (from [`MetaData::open_rw`]).

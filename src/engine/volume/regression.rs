@@ -3,17 +3,33 @@
 //! promotion while connected makes the in-sync peer adopt the new current UUID);
 //! the demotion's flush bounded by the state-change timeout; zero resync chunks sent
 //! as `ResyncZeroes` only to a peer that announced the feature; a barrier flushed
-//! only under `disk-flushes yes`.
+//! only under `disk-flushes yes`; meta-data writes that vouch for data (an evicting
+//! activity-log transaction, cleared bitmap bits, a superblock becoming Consistent)
+//! made durable only after a flush of that data, with external meta-data.
 
 use super::*;
 use std::sync::atomic::AtomicUsize;
 
 const SIZE_BYTES: usize = 1 << 20;
 
-/// A memory disk that counts flushes.
+/// A memory disk that counts flushes and, with meta-data, records the durable
+/// activity log's hot set at each flush.
 struct CountingDisk {
     disk: crate::storage::mem::MemDisk,
     flushes: AtomicUsize,
+    md: Option<MetaData>,
+    log_at_flush: Mutex<Vec<Vec<u32>>>,
+}
+
+impl CountingDisk {
+    fn new(size_bytes: usize, md: Option<MetaData>) -> CountingDisk {
+        CountingDisk {
+            disk: crate::storage::mem::MemDisk::new(size_bytes),
+            flushes: AtomicUsize::new(0),
+            md,
+            log_at_flush: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl BlockIo for CountingDisk {
@@ -28,6 +44,13 @@ impl BlockIo for CountingDisk {
     }
     fn flush(&self) -> IoFuture<'_, ()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        if let Some(md) = &self.md {
+            let hot = meta::al::replay(md).expect("replay the activity log");
+            self.log_at_flush
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(hot);
+        }
         self.disk.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
@@ -56,10 +79,7 @@ impl Recorder {
 }
 
 fn volume(disk: DiskState) -> (Arc<Volume>, Arc<CountingDisk>) {
-    let storage = Arc::new(CountingDisk {
-        disk: crate::storage::mem::MemDisk::new(SIZE_BYTES),
-        flushes: AtomicUsize::new(0),
-    });
+    let storage = Arc::new(CountingDisk::new(SIZE_BYTES, None));
     let meta = VolumeMeta {
         md: None,
         uuids: GenerationUuids {
@@ -283,4 +303,150 @@ async fn a_barrier_is_flushed_unless_disk_flushes_is_off() {
         let data = BlockIo::read_at(&*disk, 4096, 4096).await.expect("read");
         assert!(data.iter().all(|&b| b == 9));
     }
+}
+
+/// A volume over a memory disk of 64 MiB (16 activity-log extents) with external
+/// meta-data in `dir` (al-extents 7), as created by `create-md`.
+fn volume_with_meta(
+    dir: &std::path::Path,
+    disk: DiskState,
+) -> (Arc<Volume>, Arc<CountingDisk>, MetaData) {
+    const DATA_BYTES: u64 = 64 << 20;
+    let data_path = dir.join("data.img");
+    let md_path = dir.join("md.img");
+    std::fs::File::create(&data_path)
+        .and_then(|f| f.set_len(DATA_BYTES))
+        .expect("data file");
+    std::fs::File::create(&md_path)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("meta-data file");
+    let location = meta::MetaLocation::External {
+        path: md_path,
+        index: None,
+    };
+    let opts = meta::CreateOptions {
+        force: true,
+        al_extents: meta::al::AL_MIN_EXTENTS,
+    };
+    let md = meta::create_md(&data_path, &location, &opts).expect("create-md");
+    assert_eq!(md.layout.data_size_bytes, DATA_BYTES);
+    let storage = Arc::new(CountingDisk::new(DATA_BYTES as usize, Some(md.clone())));
+    let meta = VolumeMeta {
+        md: Some(Arc::new(Mutex::new(md.clone()))),
+        uuids: md.superblock.uuids,
+        crashed_primary: false,
+        activity_log: true,
+    };
+    let v = Volume::new(
+        "r0",
+        storage.clone(),
+        disk,
+        Protocol::C,
+        Bitmap::new(DATA_BYTES),
+        meta,
+    )
+    .expect("volume with meta-data");
+    (Arc::new(v), storage, md)
+}
+
+#[tokio::test]
+async fn an_evicting_al_transaction_waits_for_the_data_and_the_bitmap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v, disk, md) = volume_with_meta(dir.path(), DiskState::UpToDate);
+    v.promote(false).await.expect("promote");
+    let extent_bytes = meta::layout::AL_EXTENT_SIZE_BYTES;
+    let al = v.al.as_ref().expect("activity log");
+    // Seven cold extents fill the log: each transaction is durable on its own range,
+    // and none flushes the data.
+    for e in 0..7u64 {
+        BlockIo::write_at(
+            &*v,
+            e * extent_bytes,
+            Bytes::from(vec![e as u8; 4096]),
+            false,
+        )
+        .await
+        .expect("write");
+    }
+    assert!(al.transactions_written() >= 1);
+    assert_eq!(al.evictions_written(), 0);
+    assert_eq!(
+        disk.flushes.load(Ordering::SeqCst),
+        0,
+        "a transaction without eviction flushed the data"
+    );
+    assert_eq!(
+        meta::al::replay(&md).expect("replay"),
+        (0..7).collect::<Vec<u32>>()
+    );
+    // The eighth evicts extent 0 (least recently used): its data is flushed while the
+    // durable log still holds it, and the bit of its write (no peer) is on disk.
+    BlockIo::write_at(&*v, 7 * extent_bytes, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .expect("write");
+    assert_eq!(al.evictions_written(), 1);
+    let seen = disk
+        .log_at_flush
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(!seen.is_empty(), "evicted extent 0 without a data flush");
+    assert!(
+        seen.iter().all(|hot| hot.contains(&0)),
+        "the data was flushed after extent 0 left the durable log: {seen:?}"
+    );
+    let hot = meta::al::replay(&md).expect("replay");
+    assert!(!hot.contains(&0) && hot.contains(&7), "{hot:?}");
+    let on_disk = Bitmap::load(&md).expect("load the bitmap");
+    assert!(
+        on_disk.is_set(0),
+        "the bit of the evicted extent's write is not on disk"
+    );
+}
+
+#[tokio::test]
+async fn cleared_bits_and_a_new_consistent_superblock_wait_for_the_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v, disk, md) = volume_with_meta(dir.path(), DiskState::Inconsistent);
+    let flushes = || disk.flushes.load(Ordering::SeqCst);
+    // Set bits are written without a data flush (the activity log covers them).
+    v.lock().bitmap.set_range(0, 8192).expect("set");
+    v.write_bitmap().await.expect("write the bitmap");
+    assert_eq!(flushes(), 0);
+    assert!(Bitmap::load(&md).expect("load").is_set(1));
+    // Still Inconsistent: the superblock is written without one either.
+    v.persist_meta().await.expect("persist");
+    assert_eq!(flushes(), 0);
+    // The forced promotion makes the disk UpToDate: the superblock that says so
+    // waits for a flush, once.
+    v.promote(true).await.expect("forced promotion");
+    v.persist_meta().await.expect("persist");
+    assert_eq!(
+        flushes(),
+        1,
+        "Consistent superblock written without a data flush"
+    );
+    let location = meta::MetaLocation::External {
+        path: md.md_path.clone(),
+        index: None,
+    };
+    let sb = meta::read_md(&md.disk_path, &location)
+        .expect("read the meta-data")
+        .superblock;
+    assert_ne!(sb.flags & meta::flags::CONSISTENT, 0);
+    v.persist_meta().await.expect("persist");
+    assert_eq!(flushes(), 1, "an unchanged superblock flushed again");
+    // A cleared bit (a resync wrote the block) is never copied lazily, and its
+    // durable write comes after a flush.
+    v.lock().bitmap.clear_range(4096, 4096).expect("clear");
+    v.persist_meta_lazily().await.expect("lazy pass");
+    assert_eq!(flushes(), 1);
+    assert!(
+        Bitmap::load(&md).expect("load").is_set(1),
+        "a cleared bit was copied lazily"
+    );
+    v.write_bitmap().await.expect("write the bitmap");
+    assert_eq!(flushes(), 2, "cleared bits written without a data flush");
+    let on_disk = Bitmap::load(&md).expect("load");
+    assert!(on_disk.is_set(0) && !on_disk.is_set(1));
 }
