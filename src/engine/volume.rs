@@ -806,14 +806,16 @@ impl Volume {
 
     /// The periodic write-back (no state change asked for it): like
     /// [`Volume::persist_meta`], except that a Primary outside a resync writes a
-    /// copy of its dirty bitmap pages without an fdatasync (they survive a crash of
-    /// this process; they stay dirty for the next durable write). Its bits belong to writes in extents of
-    /// the activity log (a crash marks those extents whole) or are made durable
-    /// before their extent leaves the AL, at a state change, at `secondary`/`down`;
-    /// with internal meta-data an fdatasync every second would also force out every
-    /// dirty data page of the backing file (standalone 4k random writes at QD32:
-    /// 98-100k against 93-95k IOPS on a quiet machine, 51-58k against 42-43k on a
-    /// loaded one).
+    /// copy of its dirty bitmap pages without making it durable (it survives a
+    /// crash of this process; the pages stay dirty for the next durable write), and
+    /// no copy at all of pages holding cleared bits. Its bits belong to writes in
+    /// extents of the activity log (a crash marks those extents whole) or are made
+    /// durable before their extent leaves the AL, at a state change, at
+    /// `secondary`/`down`. A durable write every second would cost a device cache
+    /// flush every second; when it was an fdatasync, with internal meta-data it also
+    /// forced out every dirty data page of the backing file (standalone 4k random
+    /// writes at QD32: 98-100k against 93-95k IOPS on a quiet machine, 51-58k
+    /// against 42-43k on a loaded one).
     pub async fn persist_meta_lazily(&self) -> Result<(), MetaError> {
         let lazy = {
             let g = self.lock();

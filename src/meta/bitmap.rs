@@ -260,7 +260,7 @@ impl Bitmap {
     }
 
     /// Writes the dirty pages to `md`'s bitmap (contiguous dirty pages in one write),
-    /// fdatasyncs, and marks them clean. Returns the number of pages written.
+    /// makes them durable, and marks them clean. Returns the number of pages written.
     pub fn flush_dirty(&mut self, md: &MetaData) -> Result<u64, MetaError> {
         let pages = self.take_dirty_pages(md)?;
         match pages.write(md) {
@@ -394,7 +394,7 @@ impl DirtyPages {
         self.runs.is_empty()
     }
 
-    /// Writes the pages to `md`'s bitmap area and fdatasyncs; returns the page count.
+    /// Writes the pages to `md`'s bitmap area durably; returns the page count.
     pub fn write(&self, md: &MetaData) -> Result<u64, MetaError> {
         self.write_with(md, true)
     }

@@ -2,8 +2,9 @@
 //! writing the superblock, `wipe-md`, file-system detection, `dump-md` output.
 //!
 //! They work on regular files (sizes from `stat`) and block devices (sizes from the
-//! `BLKGETSIZE64` ioctl). Every write that must survive a crash is followed by an
-//! fsync/fdatasync before the function returns.
+//! `BLKGETSIZE64` ioctl). Every write that must survive a crash is durable before
+//! the function returns: fdatasync, or `RWF_DSYNC` on its own range
+//! ([`MetaData::write_region_durable`]), which is not a data barrier.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
