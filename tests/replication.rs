@@ -121,6 +121,12 @@ print("ok")
         let beta = c.status("beta");
         assert_eq!(beta["role"], "Secondary");
         assert_eq!(beta["peer_role"], "Primary");
+        // drbdadm's one-line queries, local state first (`state`: 8.3's `role`).
+        let line = |node: &str, cmd: &str| c.adm_ok(node, &[cmd, "r0"]).trim().to_string();
+        assert_eq!(line("alpha", "role"), "Primary/Secondary");
+        assert_eq!(line("beta", "state"), "Secondary/Primary");
+        assert_eq!(line("beta", "cstate"), "Connected");
+        assert_eq!(line("alpha", "dstate"), "UpToDate/UpToDate");
         assert!(beta["counters"]["net_received_bytes"].as_u64().unwrap() >= 48 << 20);
         c.adm_ok("alpha", &["secondary", "r0"]);
         c.adm_ok("alpha", &["down", "r0"]);

@@ -160,7 +160,8 @@ enum Cmd {
         /// Resource name or `all`.
         resource: String,
     },
-    /// Print the role (e.g. Primary/Secondary).
+    /// Print the role (e.g. Primary/Secondary); `state` is DRBD 8.3's name for it.
+    #[command(alias = "state")]
     Role {
         /// Resource name.
         resource: String,
