@@ -453,16 +453,11 @@ impl Resource {
         md.superblock.flags |= meta::flags::AL_CLEAN;
     }
 
-    /// Writes the superblock, then the dirty bitmap pages (after a data flush if
-    /// they hold cleared bits, see `Volume::write_bitmap`).
+    /// Writes the superblock, then the dirty bitmap pages, through the volume's
+    /// write-ordering rules (a data flush first when the superblock becomes
+    /// Consistent or the pages hold cleared bits; `docs/metadata.md`).
     async fn persist(&mut self) -> Result<(), ResourceError> {
-        {
-            let mut md = self.md();
-            let mut sb = md.superblock.clone();
-            self.volume.fill_superblock(&mut sb);
-            md.superblock = sb;
-            meta::write_superblock(&md)?;
-        }
+        self.volume.write_superblock().await?;
         self.volume.write_bitmap().await?;
         Ok(())
     }

@@ -773,17 +773,28 @@ impl Volume {
         self.persist_superblock().await
     }
 
-    /// Writes the superblock when the UUIDs, flags or disk state changed. A
-    /// superblock that becomes Consistent (a resync ended here) waits for a flush of
-    /// the data it vouches for: its own durable write is not a data barrier.
+    /// Writes the superblock when the UUIDs, flags or disk state changed.
     async fn persist_superblock(&self) -> Result<(), MetaError> {
+        self.write_superblock_with(false).await
+    }
+
+    /// Writes the superblock with the current UUIDs and disk state, changed or not
+    /// (the daemon sets flags of its own in it first: `PRIMARY_IND`, `AL_CLEAN`).
+    pub async fn write_superblock(&self) -> Result<(), MetaError> {
+        self.write_superblock_with(true).await
+    }
+
+    /// Writes the superblock if it changed, or `always`. A superblock that becomes
+    /// Consistent (a resync ended here) waits for a flush of the data it vouches
+    /// for: its own durable write is not a data barrier.
+    async fn write_superblock_with(&self, always: bool) -> Result<(), MetaError> {
         let Some(md) = self.md.clone() else {
             return Ok(());
         };
         let (snapshot, becomes_consistent) = {
             let mut md = lock_md(&md);
             let mut sb = md.superblock.clone();
-            if !self.fill_superblock(&mut sb) {
+            if !self.fill_superblock(&mut sb) && !always {
                 return Ok(());
             }
             let consistent = meta::flags::CONSISTENT;
